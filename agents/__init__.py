@@ -1,0 +1,1 @@
+"""Rank-choosing agents of rlrank (installed as ``rlrank.agents``)."""

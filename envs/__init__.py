@@ -1,0 +1,38 @@
+"""Gymnasium environments of rlrank (installed as ``rlrank.envs``).
+
+Importing this package registers ``rlrank/RankSearch-v0``::
+
+    env = gymnasium.make("rlrank/RankSearch-v0", layers=layers, evaluator=evaluator, budget=0.5)
+"""
+
+import gymnasium as gym
+
+from rlrank.envs.rank_search import (
+    OBSERVATION_FEATURES,
+    REWARDS,
+    BudgetError,
+    Evaluation,
+    Evaluator,
+    RankSearchEnv,
+    action_to_ratio,
+    ratio_to_action,
+    smallest_budget,
+)
+
+ENV_ID = "rlrank/RankSearch-v0"
+
+if ENV_ID not in gym.registry:
+    gym.register(id=ENV_ID, entry_point="rlrank.envs.rank_search:RankSearchEnv")
+
+__all__ = [
+    "ENV_ID",
+    "OBSERVATION_FEATURES",
+    "REWARDS",
+    "BudgetError",
+    "Evaluation",
+    "Evaluator",
+    "RankSearchEnv",
+    "action_to_ratio",
+    "ratio_to_action",
+    "smallest_budget",
+]

@@ -1,0 +1,348 @@
+"""The rank-search environment: one step per compressible layer, the action is its rank ratio."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from rlrank.decompose import (
+    LayerPlan,
+    check_decomposition,
+    current_ratio,
+    is_compressible,
+    max_ratio_within,
+    plan_layer,
+)
+from rlrank.flops import LayerInfo
+
+OBSERVATION_FEATURES = (
+    "layer_index",
+    "is_linear",
+    "is_pointwise",
+    "in_channels",
+    "out_channels",
+    "kernel",
+    "stride",
+    "feature_map",
+    "layer_flops",
+    "layer_params",
+    "flops_removed",
+    "flops_to_come",
+    "previous_ratio",
+    "target_budget",
+    "current_ratio",
+    "wall_ratio",
+)
+"""Names of the observation's entries, in order: the layout a saved policy is checked against."""
+
+REWARDS = ("acc", "acc-logflops")
+
+
+class BudgetError(ValueError):
+    """The FLOP budget cannot be met even with every layer at its minimum rank ratio.
+
+    Attributes:
+        smallest: The smallest budget (fraction of the dense model's MACs) that can be reached.
+    """
+
+    def __init__(self, budget: float, smallest: float) -> None:
+        super().__init__(
+            f"--flops {budget:g} cannot be reached: with every compressible layer at its minimum rank "
+            f"the model keeps {smallest:.4f} of the dense FLOPs; the smallest reachable budget is {smallest:.4f}"
+        )
+        self.budget = budget
+        self.smallest = smallest
+
+
+@dataclass
+class Evaluation:
+    """What an evaluator reports for one strategy.
+
+    Attributes:
+        accuracy: Validation accuracy in [0, 1] after the cheap fine-tune.
+        loss: Validation loss.
+        failed: Why the evaluation failed (non-finite loss, ...), or ``None``.
+        timings: Seconds spent per phase (``decompose``, ``finetune``, ``evaluate``).
+    """
+
+    accuracy: float
+    loss: float = float("nan")
+    failed: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+Evaluator = Callable[[list[LayerPlan]], Evaluation]
+
+
+def action_to_ratio(action: float, low: float, high: float) -> float:
+    """Map an action in [-1, 1] linearly onto a rank ratio in ``[low, high]``."""
+    a = float(np.clip(action, -1.0, 1.0))
+    return low + (a + 1.0) * 0.5 * (high - low)
+
+
+def ratio_to_action(ratio: float, low: float, high: float) -> float:
+    """Inverse of :func:`action_to_ratio` (ratios outside ``[low, high]`` are clipped)."""
+    if high <= low:
+        return 1.0
+    return float(np.clip(2.0 * (ratio - low) / (high - low) - 1.0, -1.0, 1.0))
+
+
+def smallest_budget(layers: Sequence[LayerInfo], decomposition: str, min_ratio: float) -> float:
+    """Fraction of the dense MACs left with every compressible layer at ``min_ratio``."""
+    dense = sum(layer.macs for layer in layers)
+    kept = 0
+    for layer in layers:
+        if is_compressible(layer, decomposition):
+            kept += plan_layer(layer, min(min_ratio, current_ratio(layer)), decomposition).macs
+        else:
+            kept += layer.current_macs
+    return kept / dense
+
+
+class RankSearchEnv(gym.Env):
+    """Choose a rank ratio for every compressible layer of a CNN, within a FLOP budget.
+
+    ## Description
+
+    An episode walks the compressible conv / linear layers of one model in forward order. At each
+    step the agent picks the rank ratio of the current layer; after the last layer the strategy is
+    applied (factors from a per-layer cache), the compressed model gets a cheap fine-tune and its
+    validation accuracy is the reward. This is the search of AMC (He et al., 2018) with low-rank
+    factorization in place of channel pruning.
+
+    ## Action Space
+
+    ``Box(-1, 1, (1,), float32)``: mapped linearly to a rank ratio in ``[min_ratio, upper]``, where
+    ``upper`` is 1 for a dense layer and the layer's current ratio for one factorized in an earlier
+    stage (ranks never grow). The ratio is then capped by the *action wall*: the largest ratio that
+    keeps the budget reachable with every later layer at ``min_ratio``. The ratio picks integer ranks
+    through :func:`rlrank.decompose.ratio_to_ranks`; a ratio whose factorization would not save
+    MACs leaves the layer dense.
+
+    ## Observation Space
+
+    ``Box(0, 1, (16,), float32)``, entries named by :data:`OBSERVATION_FEATURES`: the layer's
+    index, whether it is linear and whether it is pointwise, in / out channels, kernel size, stride,
+    input feature-map size (each divided by its maximum over the model's layers), its dense MACs and
+    parameters (fractions of the dense model's), the MACs removed by the choices so far and the dense
+    MACs of the layers still to come (fractions of the dense model's), the previous step's ratio, the
+    episode's target budget, the layer's current ratio (1 unless factorized in an earlier stage) and
+    the wall's cap for this step.
+
+    ## Rewards
+
+    0 at every step but the last. At the last step, with ``reward="acc"``, the validation accuracy
+    (0..1) after the cheap fine-tune; with ``reward="acc-logflops"``, AMC's ``-error * log(MACs)``.
+    A failed evaluation (non-finite loss) gets the minimum reward (accuracy 0). Earlier steps are
+    credited by the agent: rlrank's DDPG, like AMC, copies the final reward to every step of the
+    episode (a Monte-Carlo return with gamma = 1), see :mod:`rlrank.agents.ddpg`.
+
+    ## Starting State
+
+    The first compressible layer, nothing removed yet. The episode's target budget is ``budget``,
+    or, with ``budgets``, the next of them in turn; ``reset(options={"budget": b})`` sets it.
+
+    ## Episode End
+
+    Terminates after the last compressible layer; never truncates. The last step's ``info`` holds
+    the strategy (``plans``, ``ratios``, ``ranks``), ``flops_ratio``, ``params_ratio``, ``accuracy``,
+    ``loss``, ``failed`` and ``timings``. The FLOP ratio never exceeds the episode's target.
+
+    ## Arguments
+
+    * ``layers``: every conv / linear layer of the model (:func:`rlrank.decompose.describe_layers`);
+      those that no rank makes cheaper (grouped convs) are fixed costs, not steps.
+    * ``evaluator``: callable pricing a strategy (a list of :class:`LayerPlan`), returning an
+      :class:`Evaluation`; tests inject a stub.
+    * ``budget``: fraction of the dense model's MACs to keep at most.
+    * ``budgets``: several targets, cycled per episode (training one policy for many budgets).
+    * ``decomposition``: ``tucker2``, ``svd`` or ``cp`` for k x k convolutions.
+    * ``min_ratio``: the smallest rank ratio.
+    * ``reward``: ``acc`` or ``acc-logflops``.
+    * ``total_params``: parameters of the dense model (default: those of the layers).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        layers: Sequence[LayerInfo],
+        evaluator: Evaluator,
+        budget: float = 0.5,
+        budgets: Sequence[float] | None = None,
+        decomposition: str = "tucker2",
+        min_ratio: float = 0.05,
+        reward: str = "acc",
+        total_params: int | None = None,
+    ) -> None:
+        super().__init__()
+        if reward not in REWARDS:
+            raise ValueError(f"unknown reward {reward!r}; known: {', '.join(REWARDS)}")
+        if not 0.0 < min_ratio <= 1.0:
+            raise ValueError(f"min_ratio must be in (0, 1], got {min_ratio}")
+        self.layers = list(layers)
+        self.evaluator = evaluator
+        self.decomposition = check_decomposition(decomposition)
+        self.min_ratio = float(min_ratio)
+        self.reward_kind = reward
+        self.steps = [layer for layer in self.layers if is_compressible(layer, self.decomposition)]
+        if not self.steps:
+            raise ValueError("the model has no compressible layer")
+        step_names = {layer.name for layer in self.steps}
+        self.fixed_macs = sum(layer.current_macs for layer in self.layers if layer.name not in step_names)
+        self.fixed_params = sum(layer.current_params for layer in self.layers if layer.name not in step_names)
+        self.dense_macs = sum(layer.macs for layer in self.layers)
+        self.dense_params = total_params or sum(layer.params for layer in self.layers)
+        self._upper = [current_ratio(layer) for layer in self.steps]
+        self._low = [min(self.min_ratio, upper) for upper in self._upper]
+        self._min_macs = [
+            plan_layer(layer, low, self.decomposition).macs for layer, low in zip(self.steps, self._low, strict=True)
+        ]
+        self.smallest_budget = (self.fixed_macs + sum(self._min_macs)) / self.dense_macs
+        self.budgets = [float(b) for b in (budgets if budgets else [budget])]
+        for b in self.budgets:
+            self.check_budget(b)
+        self.budget = self.budgets[0]
+        self._features = self._static_features()
+
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
+
+        self._episode = -1
+        self._t = 0
+        self._plans: list[LayerPlan] = []
+        self._prev_ratio = 1.0
+
+    # ---------------------------------------------------------------- accounting
+
+    def check_budget(self, budget: float) -> None:
+        """Raise :class:`BudgetError` when ``budget`` is out of (0, 1] or below the reachable minimum."""
+        if not (isinstance(budget, (int, float)) and math.isfinite(budget) and 0.0 < budget <= 1.0):
+            raise ValueError(f"FLOP budget must be in (0, 1], got {budget!r}")
+        if budget < self.smallest_budget - 1e-12:
+            raise BudgetError(budget, self.smallest_budget)
+
+    def plan(self, ratios: Sequence[float]) -> list[LayerPlan]:
+        """Plans for one ratio per step, clipped to each layer's range (no action wall)."""
+        return [
+            plan_layer(layer, float(np.clip(r, low, high)), self.decomposition)
+            for layer, r, low, high in zip(self.steps, ratios, self._low, self._upper, strict=True)
+        ]
+
+    def flops_ratio(self, plans: Sequence[LayerPlan]) -> float:
+        """Fraction of the dense model's MACs kept by a full strategy."""
+        return (self.fixed_macs + sum(p.macs for p in plans)) / self.dense_macs
+
+    def params_ratio(self, plans: Sequence[LayerPlan]) -> float:
+        return (self.fixed_params + sum(p.params for p in plans)) / self.dense_params
+
+    def ratio_bounds(self, index: int) -> tuple[float, float]:
+        """The ``[low, high]`` range that actions map onto for step ``index``."""
+        return self._low[index], self._upper[index]
+
+    def wall(self, index: int, spent: float) -> float:
+        """Largest ratio for step ``index`` that keeps the budget reachable (AMC's action wall)."""
+        allowed = self.budget * self.dense_macs - self.fixed_macs - spent - sum(self._min_macs[index + 1 :])
+        layer = self.steps[index]
+        return max_ratio_within(layer, self.decomposition, allowed, self._low[index], self._upper[index])
+
+    # ---------------------------------------------------------------- observations
+
+    def _static_features(self) -> np.ndarray:
+        def norm(values: list[float]) -> np.ndarray:
+            arr = np.asarray(values, dtype=np.float64)
+            top = arr.max()
+            return arr / top if top > 0 else arr
+
+        n = len(self.steps)
+        feats = np.zeros((n, 10), dtype=np.float64)
+        feats[:, 0] = np.arange(n) / max(1, n - 1)
+        feats[:, 1] = [layer.kind == "linear" for layer in self.steps]
+        feats[:, 2] = [layer.is_pointwise for layer in self.steps]
+        feats[:, 3] = norm([layer.in_channels for layer in self.steps])
+        feats[:, 4] = norm([layer.out_channels for layer in self.steps])
+        feats[:, 5] = norm([layer.kernel[0] for layer in self.steps])
+        feats[:, 6] = norm([layer.stride[0] for layer in self.steps])
+        feats[:, 7] = norm([layer.in_hw[0] for layer in self.steps])
+        feats[:, 8] = [layer.macs / self.dense_macs for layer in self.steps]
+        feats[:, 9] = [layer.params / self.dense_params for layer in self.steps]
+        return feats
+
+    def _observation(self) -> np.ndarray:
+        t = self._t
+        spent = sum(p.macs for p in self._plans)
+        removed = sum(layer.current_macs - p.macs for layer, p in zip(self.steps, self._plans, strict=False))
+        to_come = sum(layer.macs for layer in self.steps[t + 1 :])
+        dynamic = [
+            removed / self.dense_macs,
+            to_come / self.dense_macs,
+            self._prev_ratio,
+            self.budget,
+            self._upper[t],
+            self.wall(t, spent),
+        ]
+        obs = np.concatenate([self._features[t], dynamic]).astype(np.float32)
+        return np.clip(obs, 0.0, 1.0)
+
+    # ---------------------------------------------------------------- gymnasium API
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self._episode += 1
+        if options and "budget" in options:
+            budget = float(options["budget"])
+            self.check_budget(budget)
+            self.budget = budget
+        else:
+            self.budget = self.budgets[self._episode % len(self.budgets)]
+        self._t = 0
+        self._plans = []
+        self._prev_ratio = 1.0
+        return self._observation(), {"budget": self.budget, "layer": self.steps[0].name}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self._t >= len(self.steps):
+            raise RuntimeError("step() called after the episode ended; call reset()")
+        t = self._t
+        low, high = self._low[t], self._upper[t]
+        wanted = action_to_ratio(float(np.asarray(action).reshape(-1)[0]), low, high)
+        spent = sum(p.macs for p in self._plans)
+        ratio = min(wanted, self.wall(t, spent))
+        self._plans.append(plan_layer(self.steps[t], ratio, self.decomposition))
+        self._prev_ratio = ratio
+        self._t += 1
+        info: dict[str, Any] = {"layer": self.steps[t].name, "ratio": ratio, "wanted_ratio": wanted}
+        if self._t < len(self.steps):
+            return self._observation(), 0.0, False, False, info
+
+        plans = list(self._plans)
+        evaluation = self.evaluator(plans)
+        flops = self.flops_ratio(plans)
+        accuracy = 0.0 if evaluation.failed else float(evaluation.accuracy)
+        if self.reward_kind == "acc":
+            reward = accuracy
+        else:
+            reward = -(1.0 - accuracy) * math.log(flops * self.dense_macs)
+        info.update(
+            plans=plans,
+            ratios={p.name: p.ratio for p in plans},
+            ranks={p.name: list(p.ranks) if p.ranks else None for p in plans},
+            flops_ratio=flops,
+            params_ratio=self.params_ratio(plans),
+            budget=self.budget,
+            accuracy=accuracy,
+            loss=evaluation.loss,
+            failed=evaluation.failed,
+            timings=dict(evaluation.timings),
+        )
+        # the terminal observation: the last layer's features with the final accounting
+        self._t = len(self.steps) - 1
+        obs = self._observation()
+        self._t = len(self.steps)
+        return obs, float(reward), True, False, info

@@ -1,0 +1,402 @@
+"""Data sets and their three splits: train (fine-tuning), val (rewards, selection), test (report).
+
+Every data set is decoded once into uint8 tensors held in memory (or on the GPU); batches are cut,
+augmented and normalized on the fly, so an epoch does no image I/O. The validation split is held
+out from the training images, stratified by class and deterministic under ``seed``; the test split
+is the data set's own (for ``digits`` a fixed stratified fifth, the same for every seed).
+
+Supported data sets:
+
+* ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, offline).
+* ``cifar10``: torchvision's CIFAR-10 files in ``data_dir`` (downloaded only with ``download``).
+* ``imagefolder``: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (or ``DIR/val``), where ``DIR``
+  may also be a ``.tar.gz`` archive of that layout, extracted once into a cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("digits", "cifar10", "imagefolder")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+
+
+class DataError(ValueError):
+    """A data set that cannot be found or read."""
+
+
+@dataclass
+class DataConfig:
+    """Which data set to load and how to split it.
+
+    Attributes:
+        dataset: One of :data:`DATASETS`.
+        data_dir: Folder (or ``.tar.gz`` for ``imagefolder``) holding the data.
+        val_size: Validation images held out from train: a fraction (< 1) or a count (>= 1).
+        seed: Seed of the train/val split.
+        download: Allow downloading CIFAR-10 when it is missing.
+        cache_dir: Where archives are extracted (default ``$RLRANK_CACHE`` or ``~/.cache/rlrank``).
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    val_size: float = 0.1
+    seed: int = 0
+    download: bool = False
+    cache_dir: str | None = None
+
+
+@dataclass
+class ImageSplit:
+    """Images as uint8 ``(N, C, H, W)`` and labels as int64 ``(N,)``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str) -> ImageSplit:
+        return ImageSplit(self.images.to(device), self.labels.to(device))
+
+    def subset(self, n: int) -> ImageSplit:
+        """The first ``n`` images (the splits are already shuffled)."""
+        return ImageSplit(self.images[:n], self.labels[:n])
+
+
+@dataclass
+class DataSplits:
+    """The three splits of one data set and how to feed them to a model."""
+
+    name: str
+    train: ImageSplit
+    val: ImageSplit
+    test: ImageSplit
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int
+    flip: bool
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    def to(self, device: torch.device | str) -> DataSplits:
+        """The same splits held on ``device`` (e.g. the GPU, so batches never cross the bus)."""
+        device = torch.device(device)
+        return DataSplits(
+            self.name,
+            self.train.to(device),
+            self.val.to(device),
+            self.test.to(device),
+            self.classes,
+            self.mean,
+            self.std,
+            self.crop_padding,
+            self.flip,
+            device,
+        )
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images to normalized float32."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float().div_(255.0) - mean) / std
+
+    def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Random crop (zero padding ``crop_padding``) and, if enabled, horizontal flip, per image."""
+        n, _, h, w = images.shape
+        p = self.crop_padding
+        if p > 0:
+            padded = torch.nn.functional.pad(images, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(images.device)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(images.device)
+            rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]
+            batch = torch.arange(n, device=images.device)[:, None, None]
+            images = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+        if self.flip:
+            flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images
+
+    def batches(
+        self,
+        split: ImageSplit,
+        batch_size: int,
+        shuffle: bool = False,
+        augment: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over ``split`` as normalized ``(images, labels)`` batches on the split's device."""
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        n = len(split)
+        order = torch.randperm(n, generator=generator).to(split.images.device) if shuffle else None
+        for start in range(0, n, batch_size):
+            if order is None:
+                images = split.images[start : start + batch_size]
+                labels = split.labels[start : start + batch_size]
+            else:
+                idx = order[start : start + batch_size]
+                images, labels = split.images[idx], split.labels[idx]
+            if augment:
+                images = self.augment(images, generator)
+            yield self.normalize(images), labels
+
+    def endless_batches(
+        self, split: ImageSplit, batch_size: int, generator: torch.Generator, augment: bool = True
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled, augmented training batches forever (a new permutation every pass)."""
+        while True:
+            yield from self.batches(split, batch_size, shuffle=True, augment=augment, generator=generator)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_data(config: DataConfig) -> DataSplits:
+    """Load a data set and split it into train / val / test.
+
+    Raises:
+        DataError: Unknown data set, missing or empty data folder, unreadable files.
+    """
+    if config.dataset not in DATASETS:
+        raise DataError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
+    if config.dataset == "digits":
+        train_pool, test, classes = _load_digits()
+        (mean, std), padding, flip = _channel_stats(train_pool.images), 1, False
+    elif config.dataset == "cifar10":
+        train_pool, test, classes = _load_cifar10(config)
+        mean, std, padding, flip = IMAGENET_MEAN, IMAGENET_STD, 4, True
+    else:
+        train_pool, test, classes = _load_imagefolder(config)
+        mean, std, padding, flip = IMAGENET_MEAN, IMAGENET_STD, _default_padding(train_pool), True
+        if train_pool.images.shape[1] != 3:
+            mean, std = _channel_stats(train_pool.images)
+    train, val = split_train_val(train_pool, config.val_size, config.seed)
+    logger.info(
+        "%s: %d train, %d val, %d test images of %s, %d classes",
+        config.dataset,
+        len(train),
+        len(val),
+        len(test),
+        "x".join(map(str, train.images.shape[1:])),
+        len(classes),
+    )
+    return DataSplits(config.dataset, train, val, test, classes, tuple(mean), tuple(std), padding, flip)
+
+
+def split_train_val(pool: ImageSplit, val_size: float, seed: int) -> tuple[ImageSplit, ImageSplit]:
+    """Hold a stratified validation split out of ``pool``; both parts come back shuffled.
+
+    Args:
+        pool: The data set's training images.
+        val_size: A fraction in (0, 1) or a number of images (>= 1).
+        seed: The split is a deterministic function of ``seed``.
+    """
+    n = len(pool)
+    n_val = int(round(val_size * n)) if val_size < 1 else int(val_size)
+    if not 0 < n_val < n:
+        raise DataError(f"val_size {val_size} leaves no train or no val images out of {n}")
+    generator = torch.Generator().manual_seed(seed)
+    labels = pool.labels
+    val_idx, train_idx = [], []
+    classes = torch.unique(labels)
+    # per class, a share of n_val proportional to the class size (largest remainders fill up)
+    counts = torch.stack([(labels == c).sum() for c in classes]).double()
+    quota = counts * n_val / n
+    take = quota.floor().long()
+    rest = n_val - int(take.sum())
+    take[torch.argsort(quota - take, descending=True)[:rest]] += 1
+    for c, k in zip(classes, take.tolist(), strict=True):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        val_idx.append(idx[:k])
+        train_idx.append(idx[k:])
+    val = torch.cat(val_idx)
+    train = torch.cat(train_idx)
+    val = val[torch.randperm(len(val), generator=generator)]
+    train = train[torch.randperm(len(train), generator=generator)]
+    return ImageSplit(pool.images[train], labels[train]), ImageSplit(pool.images[val], labels[val])
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.float() / 255.0
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _default_padding(split: ImageSplit) -> int:
+    return max(1, int(split.images.shape[-1]) // 8)
+
+
+def _load_digits() -> tuple[ImageSplit, ImageSplit, list[str]]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    # the test split is fixed (seed 0), whatever the run's seed: results stay comparable
+    pool, test = split_train_val(ImageSplit(images, labels), 0.2, seed=0)
+    return pool, test, [str(i) for i in range(10)]
+
+
+def _load_cifar10(config: DataConfig) -> tuple[ImageSplit, ImageSplit, list[str]]:
+    from torchvision.datasets import CIFAR10
+
+    if not config.data_dir:
+        raise DataError("dataset cifar10 needs --data-dir (the folder holding cifar-10-batches-py)")
+    root = Path(config.data_dir)
+    if not root.is_dir() and not config.download:
+        raise DataError(f"data directory not found: {root}")
+    try:
+        train = CIFAR10(str(root), train=True, download=config.download)
+        test = CIFAR10(str(root), train=False, download=config.download)
+    except RuntimeError as exc:
+        hint = "" if config.download else " (pass --download to fetch it; needs internet)"
+        raise DataError(f"CIFAR-10 not found in {root}: {exc}{hint}") from exc
+    except Exception as exc:
+        raise DataError(f"could not load CIFAR-10 from {root}: {type(exc).__name__}: {exc}") from exc
+
+    def to_split(ds: CIFAR10) -> ImageSplit:
+        images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        return ImageSplit(images, torch.tensor(ds.targets, dtype=torch.int64))
+
+    return to_split(train), to_split(test), list(train.classes)
+
+
+def cache_root(config: DataConfig) -> Path:
+    """Folder where archives are extracted."""
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    return Path(os.environ.get("RLRANK_CACHE", Path.home() / ".cache" / "rlrank"))
+
+
+def _extract_archive(archive: Path, config: DataConfig) -> Path:
+    """Extract a ``.tar.gz`` once into the cache; later calls reuse the extracted folder."""
+    stat = archive.stat()
+    key = hashlib.sha1(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root(config) / f"{archive.name.split('.')[0]}-{key}"
+    done = target / ".extracted"
+    if done.exists():
+        return target
+    logger.info("extracting %s into %s (once)", archive, target)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"cannot extract {archive}: {exc}") from exc
+    # the archive may hold the layout at its top or inside one folder
+    inner = _layout_root(tmp) or tmp
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    inner.rename(target)
+    (target / ".extracted").touch()
+    return target
+
+
+def _layout_root(folder: Path) -> Path | None:
+    if (folder / "train").is_dir():
+        return folder
+    subdirs = [p for p in folder.iterdir() if p.is_dir()]
+    if len(subdirs) == 1 and (subdirs[0] / "train").is_dir():
+        return subdirs[0]
+    return None
+
+
+def _load_imagefolder(config: DataConfig) -> tuple[ImageSplit, ImageSplit, list[str]]:
+    if not config.data_dir:
+        raise DataError("dataset imagefolder needs --data-dir (a folder with train/ and test/, or a .tar.gz)")
+    root = Path(config.data_dir)
+    if not root.exists():
+        raise DataError(f"data directory not found: {root}")
+    if root.is_file():
+        if not root.name.endswith((".tar.gz", ".tgz", ".tar")):
+            raise DataError(f"{root} is a file, not a folder or a .tar.gz archive")
+        root = _extract_archive(root, config)
+    layout = _layout_root(root)
+    if layout is None:
+        raise DataError(f"{root} has no train/ folder (expected train/<class>/ and test/<class>/)")
+    test_dir = layout / "test" if (layout / "test").is_dir() else layout / "val"
+    if not test_dir.is_dir():
+        raise DataError(f"{layout} has no test/ or val/ folder")
+    classes = sorted(p.name for p in (layout / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{layout / 'train'} has no class folders")
+    train = _decode_folder(layout / "train", classes)
+    test = _decode_folder(test_dir, classes)
+    return train, test, classes
+
+
+def _decode_folder(folder: Path, classes: list[str]) -> ImageSplit:
+    """Decode every image under ``folder/<class>/`` into one uint8 tensor."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+
+    files: list[Path] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        found = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files += found
+        labels += [index] * len(found)
+    if not files:
+        raise DataError(f"no images found under {folder}")
+    encoded = [read_file(str(path)) for path in files]
+    decoded: list[torch.Tensor] | None = None
+    if all(p.suffix.lower() in {".jpg", ".jpeg"} for p in files):
+        try:  # batched JPEG decoding is several times faster than one call per image
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            decoded = None  # fall back to one image at a time, to name the bad file
+    if decoded is None:
+        decoded = []
+        for path, data in zip(files, encoded, strict=True):
+            try:
+                decoded.append(decode_image(data, mode=ImageReadMode.RGB))
+            except RuntimeError as exc:
+                raise DataError(f"cannot decode image {path}: {str(exc).splitlines()[0][:200]}") from exc
+    shape = decoded[0].shape
+    images = [
+        image
+        if image.shape == shape
+        else torch.nn.functional.interpolate(
+            image[None].float(), size=shape[1:], mode="bilinear", antialias=True
+        )[0]
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
+        for image in decoded
+    ]
+    return ImageSplit(torch.stack(images), torch.tensor(labels, dtype=torch.int64))

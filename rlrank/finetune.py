@@ -1,0 +1,274 @@
+"""Training, cheap fine-tuning, BatchNorm re-estimation, evaluation and latency.
+
+The cheap fine-tune that prices every episode's strategy is :func:`reestimate_bn` followed by
+:func:`finetune_steps`; the dense model's training and the final fine-tune of the chosen strategy
+use :func:`train_epochs` (SGD with Nesterov momentum and a one-cycle schedule, optionally with
+knowledge distillation from the dense model).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlrank.data import DataSplits, ImageSplit
+
+logger = logging.getLogger(__name__)
+
+
+class NumericalFault(RuntimeError):
+    """A loss or a weight became NaN or infinite."""
+
+
+class DeviceError(ValueError):
+    """A device that does not exist here."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        DeviceError: CUDA asked for but not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: no CUDA device is available here (use --device cpu or auto)")
+        return torch.device(name)
+    raise DeviceError(f"unknown device {name!r}; use auto, cpu or cuda")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a multi-epoch training run (dense training or final fine-tune).
+
+    Attributes:
+        epochs: Passes over the training split (fractions allowed, e.g. 0.5).
+        lr: Peak learning rate of the one-cycle schedule.
+        momentum: Nesterov momentum.
+        weight_decay: L2 penalty.
+        batch_size: Images per step.
+        distill: Weight of knowledge distillation from a teacher (0 = off).
+        temperature: Distillation temperature.
+    """
+
+    epochs: float = 1.0
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    distill: float = 0.0
+    temperature: float = 4.0
+
+
+@dataclass
+class FinetuneConfig:
+    """The cheap fine-tune that prices one strategy.
+
+    Attributes:
+        steps: SGD steps on training batches after BN re-estimation (0: BN re-estimation only).
+        lr: Constant learning rate of those steps.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty.
+        batch_size: Images per step.
+        bn_batches: Training batches used to re-estimate BatchNorm statistics.
+        val_images: Validation images the reward is measured on (0: the whole split).
+    """
+
+    steps: int = 20
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    bn_batches: int = 8
+    val_images: int = 0
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise :class:`NumericalFault` if any parameter or buffer is NaN or infinite."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NumericalFault(f"non-finite values in {name}")
+
+
+def _loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    distill: float,
+    temperature: float,
+) -> torch.Tensor:
+    loss = F.cross_entropy(logits, labels)
+    if teacher_logits is not None and distill > 0:
+        soft = F.kl_div(
+            F.log_softmax(logits / temperature, dim=1),
+            F.softmax(teacher_logits / temperature, dim=1),
+            reduction="batchmean",
+        ) * (temperature**2)
+        loss = (1 - distill) * loss + distill * soft
+    return loss
+
+
+@torch.no_grad()
+def reestimate_bn(
+    model: nn.Module, data: DataSplits, batches: int, batch_size: int, generator: torch.Generator
+) -> None:
+    """Reset every BatchNorm's running statistics and re-estimate them on ``batches`` training batches.
+
+    After low-rank surgery the activations' statistics shift; fresh statistics recover much of the
+    accuracy for free (the cumulative average over the batches is used, not a momentum average).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    stream = data.endless_batches(data.train, batch_size, generator, augment=False)
+    for _ in range(batches):
+        images, _ = next(stream)
+        model(images)
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+def finetune_steps(
+    model: nn.Module, data: DataSplits, config: FinetuneConfig, generator: torch.Generator
+) -> float:
+    """``config.steps`` SGD steps on augmented training batches; returns the mean loss.
+
+    Raises:
+        NumericalFault: The loss or the weights became non-finite.
+    """
+    if config.steps <= 0:
+        return float("nan")
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    model.train()
+    stream = data.endless_batches(data.train, config.batch_size, generator, augment=True)
+    total = 0.0
+    for _ in range(config.steps):
+        images, labels = next(stream)
+        loss = F.cross_entropy(model(images), labels)
+        if not torch.isfinite(loss):
+            raise NumericalFault(f"fine-tune loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    check_finite(model)
+    return total / config.steps
+
+
+def train_epochs(
+    model: nn.Module,
+    data: DataSplits,
+    config: TrainConfig,
+    generator: torch.Generator,
+    teacher: nn.Module | None = None,
+    desc: str = "training",
+    progress: bool = True,
+) -> float:
+    """Train for ``config.epochs`` epochs with a one-cycle schedule; returns the last epoch's mean loss.
+
+    Raises:
+        NumericalFault: The loss became non-finite.
+    """
+    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    total_steps = max(1, int(round(config.epochs * steps_per_epoch)))
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.momentum > 0,
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25, anneal_strategy="cos"
+    )
+    if teacher is not None:
+        teacher.eval()
+    from tqdm.auto import tqdm
+
+    stream = data.endless_batches(data.train, config.batch_size, generator, augment=True)
+    model.train()
+    running, seen = 0.0, 0
+    bar = tqdm(range(total_steps), desc=desc, unit="step", disable=not progress, leave=False)
+    for step in bar:
+        images, labels = next(stream)
+        teacher_logits = None
+        if teacher is not None and config.distill > 0:
+            with torch.no_grad():
+                teacher_logits = teacher(images)
+        loss = _loss(model(images), labels, teacher_logits, config.distill, config.temperature)
+        if not torch.isfinite(loss):
+            raise NumericalFault(f"training loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % steps_per_epoch == 0:
+            running, seen = 0.0, 0
+        running += loss.item()
+        seen += 1
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{running / seen:.3f}")
+    check_finite(model)
+    return running / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: DataSplits, split: ImageSplit, batch_size: int = 512
+) -> tuple[float, float]:
+    """Top-1 accuracy (0..1) and mean cross-entropy of ``model`` on ``split``."""
+    was_training = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for images, labels in data.batches(split, batch_size):
+        logits = model(images)
+        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        n += labels.numel()
+    model.train(was_training)
+    return correct / max(n, 1), loss / max(n, 1)
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    batch_size: int,
+    device: torch.device,
+    warmup: int = 5,
+    repeats: int = 20,
+) -> float:
+    """Median wall time in milliseconds of one forward pass of a ``batch_size`` batch on ``device``."""
+    model = model.to(device).eval()
+    x = torch.randn((batch_size, *input_shape), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        model(x)
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        sync()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
