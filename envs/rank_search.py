@@ -202,7 +202,8 @@ class RankSearchEnv(gym.Env):
         self._upper = [current_ratio(layer) for layer in self.steps]
         self._low = [min(self.min_ratio, upper) for upper in self._upper]
         self._min_macs = [
-            plan_layer(layer, low, self.decomposition).macs for layer, low in zip(self.steps, self._low, strict=True)
+            plan_layer(layer, low, self.decomposition).macs
+            for layer, low in zip(self.steps, self._low, strict=True)
         ]
         self.smallest_budget = (self.fixed_macs + sum(self._min_macs)) / self.dense_macs
         self.budgets = [float(b) for b in (budgets if budgets else [budget])]
@@ -292,7 +293,9 @@ class RankSearchEnv(gym.Env):
 
     # ---------------------------------------------------------------- gymnasium API
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         self._episode += 1
         if options and "budget" in options:

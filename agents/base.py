@@ -1,0 +1,103 @@
+"""The interface every rank-choosing agent implements, and the simple ones.
+
+An agent sees observations and returns actions in [-1, 1]; it never touches the network being
+compressed. The search loop calls, per episode::
+
+    agent.begin_episode(episode)
+    action = agent.act(obs)            # once per layer
+    stats = agent.end_episode(transitions, reward)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Transition:
+    """One step of an episode as the agent saw it."""
+
+    obs: np.ndarray
+    action: np.ndarray
+    next_obs: np.ndarray
+    done: bool
+
+
+class Agent(ABC):
+    """Base class of rank-choosing agents.
+
+    Attributes:
+        name: The ``--agent`` name.
+        episodes_needed: Episodes the agent needs (``None``: as many as the search gives it; 1 for a
+            fixed strategy, which gains nothing from re-evaluating itself).
+    """
+
+    name: str = ""
+    episodes_needed: int | None = None
+
+    def begin_episode(self, episode: int) -> None:  # noqa: B027 - optional hook
+        """Called before the first ``act`` of every episode."""
+
+    @abstractmethod
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """The action (shape ``(1,)``, in [-1, 1]) for the current layer."""
+
+    def end_episode(self, transitions: Sequence[Transition], reward: float) -> dict[str, float]:
+        """Learn from a finished episode; returns statistics worth logging (may be empty)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable state needed to resume (RNG states, counters)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore what :meth:`state_dict` returned."""
+
+
+class RandomAgent(Agent):
+    """Random search: every action uniform in [-1, 1] (the env's action wall keeps the budget)."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.rng.uniform(-1.0, 1.0, size=(1,)).astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+class FixedStrategyAgent(Agent):
+    """Plays one precomputed action per layer: the rule-based selectors (uniform, energy, VBMF).
+
+    Args:
+        name: The selector's name.
+        actions: One action in [-1, 1] per layer, in step order.
+        knob: The selector's own parameter that hit the budget (for the log).
+    """
+
+    episodes_needed = 1
+
+    def __init__(self, name: str, actions: Sequence[float], knob: float | None = None) -> None:
+        self.name = name
+        self.actions = [float(a) for a in actions]
+        self.knob = knob
+        self._step = 0
+
+    def begin_episode(self, episode: int) -> None:
+        self._step = 0
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        action = self.actions[min(self._step, len(self.actions) - 1)]
+        self._step += 1
+        return np.array([action], dtype=np.float32)

@@ -1,0 +1,454 @@
+"""DDPG (stable-baselines3) configured after AMC, driven one episode at a time.
+
+AMC (He et al., 2018) searches per-layer compression with DDPG: warm-up episodes of uniformly random
+actions fill the replay buffer, then the actor acts with truncated-normal exploration noise whose
+width decays every episode, and the networks are updated at the end of each episode.
+
+**Credit assignment.** The reward arrives only at the end of an episode. With ``credit="copy"``
+(default, as AMC) the final reward is copied to every step of the episode and each transition is a
+one-step target: with gamma = 1 and no intermediate reward that *is* the Monte-Carlo return of every
+step, so the critic learns the expected final accuracy of (state, action) without bootstrapping.
+A moving-average baseline of the rewards (AMC's ``moving_alpha``) is subtracted when the critic is
+trained, centering the small differences between strategies. ``credit="bootstrap"`` instead keeps
+the reward on the last step and bootstraps with ``gamma`` through the episode (plain TD).
+
+The networks, target networks, optimizers and replay buffer are SB3's; rlrank drives them directly
+(``replay_buffer.add`` / ``train``) so that the search loop reads top to bottom and episodes,
+warm-up and noise follow AMC. Policies are saved as tensors plus JSON (no pickle): see
+:func:`save_policy` / :func:`load_policy`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3 import DDPG
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.type_aliases import ReplayBufferSamples
+from stable_baselines3.common.utils import update_learning_rate
+
+from rlrank.agents.base import Agent, Transition
+from rlrank.atomic import atomic_write, save_torch, write_json
+
+logger = logging.getLogger(__name__)
+
+POLICY_FORMAT = "rlrank-policy/1"
+CREDITS = ("copy", "bootstrap")
+
+
+class PolicyError(ValueError):
+    """A saved policy that is missing, unreadable or does not fit what it is applied to."""
+
+
+@dataclass
+class DDPGConfig:
+    """DDPG hyperparameters; defaults are AMC's.
+
+    Attributes:
+        hidden: Hidden layer widths of actor and critic (AMC: 300, 300).
+        actor_lr: Actor learning rate (AMC: 1e-4).
+        critic_lr: Critic learning rate (AMC: 1e-3).
+        tau: Soft target-update rate (AMC: 0.01).
+        batch_size: Transitions per update (AMC: 64).
+        buffer_size: Replay capacity in transitions.
+        warmup: Episodes of uniformly random actions before learning (AMC: 100).
+        noise_init: Initial std of the truncated-normal exploration noise, in units of AMC's [0, 1]
+            action range (AMC: 0.5); rlrank's actions span [-1, 1], so the std applied is twice this.
+        noise_decay: Per-episode decay of the noise std after warm-up (AMC: 0.95).
+        gamma: Discount (AMC: 1); only used with ``credit="bootstrap"``.
+        credit: ``copy`` (final reward on every step, AMC) or ``bootstrap``.
+        baseline_alpha: Step of the reward moving-average baseline (AMC's ``moving_alpha``: 0.5).
+        updates_per_step: Gradient updates per transition of a finished episode (AMC: 1).
+    """
+
+    hidden: tuple[int, ...] = (300, 300)
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-3
+    tau: float = 0.01
+    batch_size: int = 64
+    buffer_size: int = 100_000
+    warmup: int = 100
+    noise_init: float = 0.5
+    noise_decay: float = 0.95
+    gamma: float = 1.0
+    credit: str = "copy"
+    baseline_alpha: float = 0.5
+    updates_per_step: int = 1
+
+    def __post_init__(self) -> None:
+        if self.credit not in CREDITS:
+            raise ValueError(f"unknown credit {self.credit!r}; known: {', '.join(CREDITS)}")
+        self.hidden = tuple(int(h) for h in self.hidden)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DDPGConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class BaselineReplayBuffer(ReplayBuffer):
+    """SB3 replay buffer that subtracts a moving reward baseline from every sampled reward."""
+
+    reward_offset: float = 0.0
+
+    def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> ReplayBufferSamples:
+        samples = super()._get_samples(batch_inds, env)
+        return samples._replace(rewards=samples.rewards - self.reward_offset)
+
+
+class _AMCDDPG(DDPG):
+    """SB3's DDPG with AMC's separate actor and critic learning rates."""
+
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-3
+
+    def _update_learning_rate(self, optimizers: Any) -> None:
+        update_learning_rate(self.actor.optimizer, self.actor_lr)
+        update_learning_rate(self.critic.optimizer, self.critic_lr)
+
+
+class _SpacesOnly(gym.Env):
+    """Carries the spaces SB3 needs to build its networks; the search loop drives the real env."""
+
+    def __init__(self, observation_space: gym.Space, action_space: gym.Space) -> None:
+        self.observation_space = observation_space
+        self.action_space = action_space
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        return self.observation_space.sample(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        raise RuntimeError("this environment only carries spaces")
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the small actor/critic networks on one thread: with several, the per-op threading
+    overhead dominates and, on a busy machine, slows updates down by an order of magnitude."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def truncated_normal(rng: np.random.Generator, mean: float, std: float, low: float, high: float) -> float:
+    """A normal sample around ``mean`` conditioned on ``[low, high]`` (rejection, then clipping)."""
+    if std <= 0:
+        return float(np.clip(mean, low, high))
+    for _ in range(100):
+        x = rng.normal(mean, std)
+        if low <= x <= high:
+            return float(x)
+    return float(np.clip(mean, low, high))
+
+
+class DDPGAgent(Agent):
+    """AMC-style DDPG over the rank-search environment.
+
+    Args:
+        observation_space: The environment's observation space.
+        action_space: The environment's action space (``Box(-1, 1, (1,))``).
+        config: Hyperparameters.
+        seed: Seed of the networks, the warm-up actions and the noise.
+    """
+
+    name = "ddpg"
+
+    def __init__(
+        self,
+        observation_space: gym.spaces.Box,
+        action_space: gym.spaces.Box,
+        config: DDPGConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.config = config or DDPGConfig()
+        self.seed = seed
+        cfg = self.config
+        self.model = _AMCDDPG(
+            "MlpPolicy",
+            _SpacesOnly(self.observation_space, self.action_space),
+            learning_rate=cfg.critic_lr,
+            buffer_size=cfg.buffer_size,
+            learning_starts=0,
+            batch_size=cfg.batch_size,
+            tau=cfg.tau,
+            gamma=cfg.gamma,
+            replay_buffer_class=BaselineReplayBuffer,
+            policy_kwargs={"net_arch": {"pi": list(cfg.hidden), "qf": list(cfg.hidden)}},
+            seed=self.seed,
+            device="cpu",
+        )
+        self.model.actor_lr, self.model.critic_lr = cfg.actor_lr, cfg.critic_lr
+        self.model.set_logger(Logger(folder=None, output_formats=[]))
+        self.rng = np.random.default_rng(self.seed)
+        self.episode = 0
+        self.episodes_learned = 0
+        self.baseline: float | None = None
+
+    @property
+    def buffer(self) -> BaselineReplayBuffer:
+        return self.model.replay_buffer  # type: ignore[return-value]
+
+    def noise_std(self, episode: int | None = None) -> float:
+        """Exploration noise std (in [-1, 1] action units) of ``episode`` (0 during warm-up: random)."""
+        episode = self.episode if episode is None else episode
+        steps = max(0, episode - self.config.warmup)
+        return 2.0 * self.config.noise_init * self.config.noise_decay**steps
+
+    def begin_episode(self, episode: int) -> None:
+        self.episode = episode
+
+    def policy_action(self, obs: np.ndarray) -> float:
+        """The actor's deterministic action for ``obs``."""
+        with _one_thread():
+            action, _ = self.model.predict(np.asarray(obs, dtype=np.float32), deterministic=True)
+        return float(np.asarray(action).reshape(-1)[0])
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        if self.episode < self.config.warmup:
+            action = self.rng.uniform(-1.0, 1.0)
+        else:
+            action = truncated_normal(self.rng, self.policy_action(obs), self.noise_std(), -1.0, 1.0)
+        return np.array([action], dtype=np.float32)
+
+    def end_episode(self, transitions: Sequence[Transition], reward: float) -> dict[str, float]:
+        copy = self.config.credit == "copy"
+        last = len(transitions) - 1
+        for t, tr in enumerate(transitions):
+            r = reward if (copy or t == last) else 0.0
+            done = True if copy else tr.done
+            self.buffer.add(
+                np.asarray(tr.obs, dtype=np.float32)[None],
+                np.asarray(tr.next_obs, dtype=np.float32)[None],
+                np.asarray(tr.action, dtype=np.float32).reshape(1, -1),
+                np.array([r], dtype=np.float32),
+                np.array([done]),
+                [{}],
+            )
+        stats: dict[str, float] = {}
+        filled = self.buffer.buffer_size if self.buffer.full else self.buffer.pos
+        if copy:
+            mean = float(self.buffer.rewards[:filled].mean())
+            self.baseline = (
+                mean
+                if self.baseline is None
+                else self.baseline + self.config.baseline_alpha * (mean - self.baseline)
+            )
+            self.buffer.reward_offset = self.baseline
+            stats["baseline"] = self.baseline
+        if self.episode >= self.config.warmup and filled >= self.config.batch_size:
+            self.model.train(
+                gradient_steps=len(transitions) * self.config.updates_per_step,
+                batch_size=self.config.batch_size,
+            )
+            self.episodes_learned += 1
+            values = self.model.logger.name_to_value
+            for key in ("train/critic_loss", "train/actor_loss"):
+                if key in values:
+                    stats[key.split("/")[1]] = float(values[key])
+        stats["noise_std"] = self.noise_std() if self.episode >= self.config.warmup else float("nan")
+        return stats
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "episode": self.episode,
+            "episodes_learned": self.episodes_learned,
+            "baseline": self.baseline,
+            "n_updates": int(self.model._n_updates),
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.episode = int(state["episode"])
+        self.episodes_learned = int(state["episodes_learned"])
+        self.baseline = state["baseline"]
+        self.buffer.reward_offset = self.baseline or 0.0
+        self.model._n_updates = int(state["n_updates"])
+        self.rng.bit_generator.state = state["rng"]
+
+    def network_state(self) -> dict[str, Any]:
+        """Tensors of actor, critic, their targets and optimizers (loadable with ``weights_only``)."""
+        policy = self.model.policy
+        return {
+            "actor": policy.actor.state_dict(),
+            "actor_target": policy.actor_target.state_dict(),
+            "critic": policy.critic.state_dict(),
+            "critic_target": policy.critic_target.state_dict(),
+            "actor_optimizer": policy.actor.optimizer.state_dict(),
+            "critic_optimizer": policy.critic.optimizer.state_dict(),
+        }
+
+    def load_network_state(self, state: dict[str, Any]) -> None:
+        policy = self.model.policy
+        try:
+            for key in ("actor", "actor_target", "critic", "critic_target"):
+                getattr(policy, key).load_state_dict(state[key])
+            policy.actor.optimizer.load_state_dict(state["actor_optimizer"])
+            policy.critic.optimizer.load_state_dict(state["critic_optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise PolicyError(f"saved networks do not fit this agent: {str(exc).splitlines()[0]}") from exc
+
+    def buffer_arrays(self) -> dict[str, np.ndarray]:
+        b = self.buffer
+        n = b.buffer_size if b.full else b.pos
+        return {
+            "observations": b.observations[:n, 0],
+            "next_observations": b.next_observations[:n, 0],
+            "actions": b.actions[:n, 0],
+            "rewards": b.rewards[:n, 0],
+            "dones": b.dones[:n, 0],
+            "pos": np.array(b.pos),
+            "full": np.array(b.full),
+        }
+
+    def load_buffer_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        b = self.buffer
+        n = len(arrays["rewards"])
+        if n > b.buffer_size:
+            raise PolicyError(
+                f"saved replay buffer holds {n} transitions, more than the capacity {b.buffer_size}"
+            )
+        if arrays["observations"].shape[1:] != b.observations.shape[2:]:
+            raise PolicyError("saved replay buffer has another observation size")
+        b.observations[:n, 0] = arrays["observations"]
+        b.next_observations[:n, 0] = arrays["next_observations"]
+        b.actions[:n, 0] = arrays["actions"]
+        b.rewards[:n, 0] = arrays["rewards"]
+        b.dones[:n, 0] = arrays["dones"]
+        b.pos = int(arrays["pos"]) % b.buffer_size if bool(arrays["full"]) else n
+        b.full = bool(arrays["full"]) and n == b.buffer_size
+
+
+def save_policy(directory: str | Path, agent: DDPGAgent, metadata: dict[str, Any]) -> Path:
+    """Save a DDPG agent as ``policy.pt`` (tensors), ``policy.json`` (metadata, config, counters)
+    and ``replay.npz`` (the replay buffer), each written atomically.
+
+    Args:
+        directory: Folder to write into (created).
+        agent: The agent.
+        metadata: What the policy was trained on: ``model``, ``decomposition``,
+            ``observation_features``, ``layers``, ``budgets`` ... (checked by :func:`check_policy_fits`).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_torch(directory / "policy.pt", agent.network_state())
+    arrays = agent.buffer_arrays()
+    atomic_write(directory / "replay.npz", lambda h: np.savez(h, **arrays))
+    write_json(
+        directory / "policy.json",
+        {
+            "format": POLICY_FORMAT,
+            **metadata,
+            "observation_dim": int(agent.observation_space.shape[0]),
+            "ddpg": asdict(agent.config),
+            "seed": agent.seed,
+            "state": agent.state_dict(),
+        },
+    )
+    return directory
+
+
+def read_policy_metadata(directory: str | Path) -> dict[str, Any]:
+    """Read ``policy.json`` of a saved policy.
+
+    Raises:
+        PolicyError: Missing or unreadable, or not an rlrank policy.
+    """
+    path = Path(directory) / "policy.json"
+    if not path.is_file():
+        raise PolicyError(f"no saved policy in {directory} (policy.json missing)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PolicyError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != POLICY_FORMAT:
+        raise PolicyError(f"{path} is not an rlrank policy (expected format {POLICY_FORMAT})")
+    return meta
+
+
+def check_policy_fits(
+    meta: dict[str, Any], observation_features: Sequence[str], decomposition: str, model: str
+) -> str | None:
+    """Check a saved policy against what it is applied to.
+
+    Returns:
+        ``None`` when it fits as is, or a warning when it was trained on another model with the
+        same observation layout.
+
+    Raises:
+        PolicyError: Another observation layout or another decomposition.
+    """
+    saved = list(meta.get("observation_features", []))
+    if saved != list(observation_features):
+        raise PolicyError(
+            f"policy observation layout {saved} does not match this environment's {list(observation_features)}"
+        )
+    if meta.get("decomposition") != decomposition:
+        raise PolicyError(
+            f"policy was trained for decomposition {meta.get('decomposition')!r}, not {decomposition!r}"
+        )
+    if meta.get("model") != model:
+        return f"policy was trained on model {meta.get('model')!r}, applying it to {model!r} (same observation layout)"
+    return None
+
+
+def load_policy(
+    directory: str | Path,
+    observation_space: gym.spaces.Box,
+    action_space: gym.spaces.Box,
+    with_buffer: bool = True,
+    config: DDPGConfig | None = None,
+) -> tuple[DDPGAgent, dict[str, Any]]:
+    """Rebuild a DDPG agent from :func:`save_policy`'s files (tensors with ``weights_only=True``,
+    arrays with ``allow_pickle=False``: nothing from the files is executed).
+
+    Args:
+        config: Hyperparameters to continue with (default: the saved ones).
+
+    Returns:
+        The agent (counters and RNG restored) and the saved metadata.
+    """
+    directory = Path(directory)
+    meta = read_policy_metadata(directory)
+    if int(meta.get("observation_dim", -1)) != int(observation_space.shape[0]):
+        raise PolicyError(
+            f"policy expects {meta.get('observation_dim')} observation features, the environment has {observation_space.shape[0]}"
+        )
+    agent = DDPGAgent(
+        observation_space,
+        action_space,
+        config or DDPGConfig.from_dict(meta["ddpg"]),
+        int(meta.get("seed", 0)),
+    )
+    try:
+        state = torch.load(directory / "policy.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PolicyError(
+            f"cannot read {directory / 'policy.pt'}: {str(exc).strip().splitlines()[0]}"
+        ) from exc
+    agent.load_network_state(state)
+    agent.load_state_dict(meta["state"])
+    replay = directory / "replay.npz"
+    if with_buffer and replay.is_file():
+        try:
+            with np.load(replay, allow_pickle=False) as arrays:
+                agent.load_buffer_arrays({k: arrays[k] for k in arrays.files})
+        except (OSError, ValueError, KeyError) as exc:
+            raise PolicyError(f"cannot read {replay}: {exc}") from exc
+    return agent, meta

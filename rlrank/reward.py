@@ -1,0 +1,73 @@
+"""Pricing a strategy: decompose from the factor cache, cheap fine-tune, accuracy on validation.
+
+:class:`RewardEvaluator` is what the pipeline injects into the environment. Each call applies the
+strategy to a copy of the base model (factors come truncated from the cache, never recomputed),
+re-estimates BatchNorm statistics, takes a few SGD steps on training batches and measures the
+validation accuracy. Its random stream is a function of the episode's seed only, so a strategy's
+reward does not depend on what was evaluated before it (and a resumed search repeats itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from rlrank.data import DataSplits
+from rlrank.decompose import FactorCache, LayerPlan, decompose_model
+from rlrank.envs import Evaluation
+from rlrank.finetune import FinetuneConfig, NumericalFault, evaluate, finetune_steps, reestimate_bn
+
+logger = logging.getLogger(__name__)
+
+
+class RewardEvaluator:
+    """Callable ``plans -> Evaluation`` for the environment.
+
+    Args:
+        model: The model being compressed (on the run's device); never modified.
+        cache: Its factor cache.
+        data: The data splits (on the run's device).
+        config: Cheap fine-tune settings.
+        seed: Base seed; call :meth:`set_episode` to derive the episode's stream.
+    """
+
+    def __init__(
+        self, model: nn.Module, cache: FactorCache, data: DataSplits, config: FinetuneConfig, seed: int = 0
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.data = data
+        self.config = config
+        self.seed = seed
+        self.episode_seed = seed
+        self.val = data.val.subset(config.val_images) if config.val_images > 0 else data.val
+
+    def set_episode(self, stage: int, episode: int) -> None:
+        """Derive the random stream (fine-tune batches, augmentation) of one episode."""
+        self.episode_seed = (self.seed * 1_000_003 + stage * 10_007 + episode) % (2**63)
+
+    def __call__(self, plans: Sequence[LayerPlan]) -> Evaluation:
+        timings: dict[str, float] = {}
+        generator = torch.Generator().manual_seed(self.episode_seed)
+        start = time.perf_counter()
+        compressed = decompose_model(self.model, plans, self.cache)
+        timings["decompose"] = time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            reestimate_bn(compressed, self.data, self.config.bn_batches, self.config.batch_size, generator)
+            finetune_steps(compressed, self.data, self.config, generator)
+        except NumericalFault as exc:
+            timings["finetune"] = time.perf_counter() - start
+            logger.warning("episode failed: %s", exc)
+            return Evaluation(accuracy=0.0, failed=str(exc), timings=timings)
+        timings["finetune"] = time.perf_counter() - start
+        start = time.perf_counter()
+        accuracy, loss = evaluate(compressed, self.data, self.val)
+        timings["evaluate"] = time.perf_counter() - start
+        if not torch.isfinite(torch.tensor(loss)):
+            return Evaluation(accuracy=0.0, loss=loss, failed=f"validation loss is {loss}", timings=timings)
+        return Evaluation(accuracy=accuracy, loss=loss, timings=timings)

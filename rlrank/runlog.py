@@ -1,0 +1,73 @@
+"""The episode log: one JSON object per line, appended and flushed as each episode ends.
+
+Every row is written with a single ``write`` of a complete line followed by ``fsync``, so a search
+killed at any moment leaves at most one torn last line; :func:`read_rows` drops it with a warning
+(and :func:`truncate_rows` removes it, with any rows past a resume point, before a search goes on).
+
+Row fields (see :func:`rlrank.pipeline.episode_row`): ``stage``, ``episode``, ``agent``,
+``budget``, ``reward``, ``accuracy``, ``loss``, ``flops_ratio``, ``params_ratio``, ``failed``,
+``phase`` (``warmup``, ``explore``, ``policy``, ``rule``), ``time`` (seconds: ``decompose``,
+``finetune``, ``evaluate``, ``agent``, ``env``, ``total``), ``layers`` (per layer: ``ratio``,
+``ranks``, ``method``) and ``agent_stats``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EPISODES_FILE = "episodes.jsonl"
+
+
+def append_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one row as a JSON line and force it to disk."""
+    line = json.dumps(row, separators=(",", ":"), allow_nan=True) + "\n"
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Read every complete row; a torn or unreadable last line is skipped with a warning.
+
+    Raises:
+        ValueError: A line other than the last is not valid JSON (the file is not an episode log).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = []
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        try:
+            if not line.endswith("\n"):
+                raise ValueError("line not terminated")
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            if last:
+                logger.warning("%s: skipping a partial last row (%s)", path, exc)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a valid episode row: {exc}") from exc
+        rows.append(row)
+    return rows
+
+
+def truncate_rows(path: str | Path, keep: int) -> list[dict[str, Any]]:
+    """Keep only the first ``keep`` complete rows (atomically); returns them."""
+    from rlrank.atomic import atomic_write
+
+    path = Path(path)
+    rows = read_rows(path)[:keep]
+    text = "".join(json.dumps(r, separators=(",", ":"), allow_nan=True) + "\n" for r in rows)
+    if path.exists():
+        atomic_write(path, lambda h: h.write(text.encode()))
+    return rows

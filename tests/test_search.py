@@ -1,0 +1,114 @@
+"""End to end: the search command line, in-process, on the tiny model and the embedded digits data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import rlrank
+from rlrank.flops import count_model
+from rlrank.runlog import read_rows
+from rlrank.search import main
+
+FAST = [
+    "--model", "tiny", "--flops", "0.5", "--episodes", "5", "--warmup", "2", "--dense-epochs", "1",
+    "--final-epochs", "0.5", "--finetune-steps", "2", "--bn-batches", "1", "--quiet",
+]  # fmt: skip
+
+
+def run_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.is_dir()) if out.exists() else []
+
+
+@pytest.fixture(scope="module")
+def ddpg_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    code = main([*FAST, "--out", str(out)])
+    assert code == 0
+    (run,) = run_dirs(out)
+    return run
+
+
+def test_cli_leaves_every_artifact(ddpg_run, capsys):
+    run = ddpg_run
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "tiny" and config["flops"] == 0.5 and config["episodes"] == 5
+    assert run.name.startswith("tiny-flops0.5-")
+
+    # the dense model was trained here, since no checkpoint was given
+    assert (run / "dense.pt").is_file() and json.loads((run / "dense.json").read_text())["trained_here"]
+
+    rows = read_rows(run / "stage-1" / "episodes.jsonl")
+    assert [r["episode"] for r in rows] == list(range(5))
+    layer_names = set(rows[0]["layers"])
+    for row in rows:
+        assert row["flops_ratio"] <= 0.5 + 1e-12
+        assert set(row["time"]) == {"decompose", "finetune", "evaluate", "agent", "env", "total"}
+        assert set(row["layers"]) == layer_names
+        for entry in row["layers"].values():
+            assert 0 < entry["ratio"] <= 1 and (entry["ranks"] is None or all(r >= 1 for r in entry["ranks"]))
+        assert 0 <= row["accuracy"] <= 1 and row["params_ratio"] > 0
+    assert [r["phase"] for r in rows] == ["warmup", "warmup", "explore", "explore", "explore"]
+
+    best = json.loads((run / "stage-1" / "best_strategy.json").read_text())
+    assert best["reward"] == max(r["reward"] for r in rows)
+    assert best["flops_ratio"] <= 0.5 and {entry["name"] for entry in best["layers"]} == layer_names
+
+    assert {p.name for p in (run / "stage-1" / "policy").iterdir()} == {"policy.pt", "policy.json", "replay.npz"}
+
+    model = rlrank.load(run / "model.pt")
+    assert not model.training
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    dense = rlrank.load(run / "dense.pt")
+    assert count_model(model, (1, 8, 8)).macs <= 0.5 * count_model(dense, (1, 8, 8)).macs
+
+    report = json.loads((run / "report.json").read_text())
+    for key in ("test_accuracy", "val_accuracy", "macs", "params"):
+        assert key in report["dense"] and key in report["compressed"]
+    assert report["compressed"]["flops_ratio"] <= 0.5
+    assert report["latency_ms"]["batch1"]["dense"] > 0 and report["latency_ms"]["batch64"]["compressed"] > 0
+    assert report["stages"][0]["episodes"] == 5 and report["reward_evaluations"] == 5
+    assert report["device"].startswith("cpu")
+
+
+def test_cli_prints_dense_and_compressed_accuracy(tmp_path, ddpg_run, capsys):
+    code = main([*FAST, "--agent", "uniform", "--checkpoint", str(ddpg_run / "dense.pt"), "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "dense      test accuracy" in out and "compressed test accuracy" in out
+    (run,) = run_dirs(tmp_path)
+    assert not (run / "dense.pt").exists()  # a checkpoint was given: nothing trained
+    rows = read_rows(run / "stage-1" / "episodes.jsonl")
+    assert len(rows) == 1 and rows[0]["agent"] == "uniform" and rows[0]["phase"] == "rule"
+    ratios = {entry["ratio"] for entry in rows[0]["layers"].values()}
+    assert max(ratios) - min(ratios) < 1e-6  # one ratio for every layer
+
+
+@pytest.mark.parametrize("agent", ["random", "energy", "vbmf"])
+def test_every_agent_meets_the_budget(agent, tmp_path, ddpg_run):
+    args = [*FAST, "--flops", "0.35", "--agent", agent, "--episodes", "3", "--final-epochs", "0"]
+    assert main([*args, "--checkpoint", str(ddpg_run / "dense.pt"), "--out", str(tmp_path), "--no-latency"]) == 0
+    (run,) = run_dirs(tmp_path)
+    rows = read_rows(run / "stage-1" / "episodes.jsonl")
+    assert len(rows) == (3 if agent == "random" else 1)
+    assert all(r["flops_ratio"] <= 0.35 + 1e-12 for r in rows)
+    report = json.loads((run / "report.json").read_text())
+    assert report["compressed"]["flops_ratio"] <= 0.35
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_cuda_device_runs_the_same_code(tmp_path):
+    assert main([*FAST, "--device", "cuda", "--out", str(tmp_path)]) == 0
+    (run,) = run_dirs(tmp_path)
+    assert json.loads((run / "report.json").read_text())["device"].startswith("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path, capsys):
+    assert main([*FAST, "--device", "cuda", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device" in err[0]
+    assert run_dirs(tmp_path) == []
