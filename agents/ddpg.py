@@ -260,7 +260,8 @@ class DDPGAgent(Agent):
             for key in ("train/critic_loss", "train/actor_loss"):
                 if key in values:
                     stats[key.split("/")[1]] = float(values[key])
-        stats["noise_std"] = self.noise_std() if self.episode >= self.config.warmup else float("nan")
+        if self.episode >= self.config.warmup:
+            stats["noise_std"] = self.noise_std()
         return stats
 
     # ------------------------------------------------------------------ persistence

@@ -683,7 +683,7 @@ def _write_best_strategy(
             "episode": best["episode"],
             "reward": best["reward"],
             "val_accuracy_after_cheap_finetune": best["accuracy"],
-            "budget": env.budget if not config.train_budgets else config.flops,
+            "budget": config.flops if config.train_budgets else env.budget,
             "flops_ratio": env.flops_ratio(plans),
             "params_ratio": env.params_ratio(plans),
             "decomposition": config.decomposition,

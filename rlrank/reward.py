@@ -62,7 +62,7 @@ class RewardEvaluator:
             finetune_steps(compressed, self.data, self.config, generator)
         except NumericalFault as exc:
             timings["finetune"] = time.perf_counter() - start
-            logger.warning("episode failed: %s", exc)
+            logger.info("episode failed: %s", exc)
             return Evaluation(accuracy=0.0, failed=str(exc), timings=timings)
         timings["finetune"] = time.perf_counter() - start
         start = time.perf_counter()

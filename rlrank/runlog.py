@@ -8,13 +8,15 @@ Row fields (see :func:`rlrank.pipeline.episode_row`): ``stage``, ``episode``, ``
 ``budget``, ``reward``, ``accuracy``, ``loss``, ``flops_ratio``, ``params_ratio``, ``failed``,
 ``phase`` (``warmup``, ``explore``, ``policy``, ``rule``), ``time`` (seconds: ``decompose``,
 ``finetune``, ``evaluate``, ``agent``, ``env``, ``total``), ``layers`` (per layer: ``ratio``,
-``ranks``, ``method``) and ``agent_stats``.
+``ranks``, ``method``), ``agent_stats`` (e.g. the DDPG critic loss and noise std) and ``timestamp``
+(seconds since the epoch). Rows hold no NaN: missing values are ``null``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,22 @@ EPISODES_FILE = "episodes.jsonl"
 
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
     """Append one row as a JSON line and force it to disk."""
-    line = json.dumps(row, separators=(",", ":"), allow_nan=True) + "\n"
+    line = json.dumps(_finite(row), separators=(",", ":"), allow_nan=False) + "\n"
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN / infinite floats replaced by ``None`` (strict JSON, readable by jq)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -67,7 +80,7 @@ def truncate_rows(path: str | Path, keep: int) -> list[dict[str, Any]]:
 
     path = Path(path)
     rows = read_rows(path)[:keep]
-    text = "".join(json.dumps(r, separators=(",", ":"), allow_nan=True) + "\n" for r in rows)
+    text = "".join(json.dumps(_finite(r), separators=(",", ":"), allow_nan=False) + "\n" for r in rows)
     if path.exists():
         atomic_write(path, lambda h: h.write(text.encode()))
     return rows
