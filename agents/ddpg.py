@@ -250,7 +250,7 @@ class DDPGAgent(Agent):
             )
             self.buffer.reward_offset = self.baseline
             stats["baseline"] = self.baseline
-        if self.episode >= self.config.warmup and filled >= self.config.batch_size:
+        if self.episode >= self.config.warmup and filled > 0:  # sampling is with replacement
             self.model.train(
                 gradient_steps=len(transitions) * self.config.updates_per_step,
                 batch_size=self.config.batch_size,

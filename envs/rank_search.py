@@ -166,6 +166,9 @@ class RankSearchEnv(gym.Env):
     * ``min_ratio``: the smallest rank ratio.
     * ``reward``: ``acc`` or ``acc-logflops``.
     * ``total_params``: parameters of the dense model (default: those of the layers).
+    * ``allow_dense``: let a layer stay dense when its ratio saves nothing; ``False`` gives it the
+      largest ranks that still save MACs instead (multi-stage runs factorize every layer in their
+      first stage, so that later stages only re-factorize and never add depth).
     """
 
     metadata = {"render_modes": []}
@@ -180,6 +183,7 @@ class RankSearchEnv(gym.Env):
         min_ratio: float = 0.05,
         reward: str = "acc",
         total_params: int | None = None,
+        allow_dense: bool = True,
     ) -> None:
         super().__init__()
         if reward not in REWARDS:
@@ -191,6 +195,7 @@ class RankSearchEnv(gym.Env):
         self.decomposition = check_decomposition(decomposition)
         self.min_ratio = float(min_ratio)
         self.reward_kind = reward
+        self.allow_dense = allow_dense
         self.steps = [layer for layer in self.layers if is_compressible(layer, self.decomposition)]
         if not self.steps:
             raise ValueError("the model has no compressible layer")
@@ -231,10 +236,12 @@ class RankSearchEnv(gym.Env):
 
     def plan(self, ratios: Sequence[float]) -> list[LayerPlan]:
         """Plans for one ratio per step, clipped to each layer's range (no action wall)."""
-        return [
-            plan_layer(layer, float(np.clip(r, low, high)), self.decomposition)
-            for layer, r, low, high in zip(self.steps, ratios, self._low, self._upper, strict=True)
-        ]
+        return [self.plan_step(i, r) for i, r in enumerate(ratios)]
+
+    def plan_step(self, index: int, ratio: float) -> LayerPlan:
+        """The plan of step ``index`` at ``ratio`` (clipped to the step's range, no action wall)."""
+        ratio = float(np.clip(ratio, self._low[index], self._upper[index]))
+        return plan_layer(self.steps[index], ratio, self.decomposition, self.allow_dense)
 
     def flops_ratio(self, plans: Sequence[LayerPlan]) -> float:
         """Fraction of the dense model's MACs kept by a full strategy."""
@@ -251,7 +258,9 @@ class RankSearchEnv(gym.Env):
         """Largest ratio for step ``index`` that keeps the budget reachable (AMC's action wall)."""
         allowed = self.budget * self.dense_macs - self.fixed_macs - spent - sum(self._min_macs[index + 1 :])
         layer = self.steps[index]
-        return max_ratio_within(layer, self.decomposition, allowed, self._low[index], self._upper[index])
+        return max_ratio_within(
+            layer, self.decomposition, allowed, self._low[index], self._upper[index], self.allow_dense
+        )
 
     # ---------------------------------------------------------------- observations
 
@@ -317,7 +326,7 @@ class RankSearchEnv(gym.Env):
         wanted = action_to_ratio(float(np.asarray(action).reshape(-1)[0]), low, high)
         spent = sum(p.macs for p in self._plans)
         ratio = min(wanted, self.wall(t, spent))
-        self._plans.append(plan_layer(self.steps[t], ratio, self.decomposition))
+        self._plans.append(self.plan_step(t, ratio))
         self._prev_ratio = ratio
         self._t += 1
         info: dict[str, Any] = {"layer": self.steps[t].name, "ratio": ratio, "wanted_ratio": wanted}

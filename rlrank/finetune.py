@@ -198,9 +198,12 @@ def train_epochs(
         weight_decay=config.weight_decay,
         nesterov=config.momentum > 0,
     )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25, anneal_strategy="cos"
-    )
+    if total_steps >= 8:
+        schedule: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25, anneal_strategy="cos"
+        )
+    else:  # too few steps for a warm-up: linear decay
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
     if teacher is not None:
         teacher.eval()
     from tqdm.auto import tqdm

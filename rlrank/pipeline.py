@@ -45,7 +45,6 @@ from rlrank.decompose import (
     describe_layers,
     is_compressible,
     load,
-    plan_layer,
     save,
 )
 from rlrank.envs import (
@@ -402,15 +401,14 @@ def _run_stage(
         min_ratio=config.min_ratio,
         reward=config.reward,
         total_params=dense_params,
+        allow_dense=config.stages == 1,
     )
     agent = _make_agent(config, env, cache, k)
     search = _search(stage_dir, config, env, agent, evaluator, k, budget, progress)
 
     # ---- the chosen strategy, applied and fine-tuned
     best = search["best"]
-    plans = [
-        plan_layer(layer, best["layers"][layer.name]["ratio"], config.decomposition) for layer in env.steps
-    ]
+    plans = [env.plan_step(i, best["layers"][layer.name]["ratio"]) for i, layer in enumerate(env.steps)]
     assert env.flops_ratio(plans) <= budget + 1e-9, "the chosen strategy exceeds the budget"
     _write_best_strategy(stage_dir / "best_strategy.json", best, plans, env, config)
     start = time.perf_counter()
@@ -525,9 +523,9 @@ def _search(
 
     log_path = stage_dir / EPISODES_FILE
     total = agent.episodes_needed or config.episodes
-    rollout = isinstance(agent, DDPGAgent) and (
-        config.train_budgets or (config.policy and config.episodes == 0)
-    )
+    # a policy trained over several budgets, or continued from a saved one, is also rolled out once
+    # deterministically at the stage's budget (one more reward evaluation, logged as phase "policy")
+    rollout = isinstance(agent, DDPGAgent) and bool(config.train_budgets or config.policy)
     state = _restore_checkpoint(stage_dir, agent)
     done = state["episodes_done"]
     rows = truncate_rows(log_path, done) if log_path.exists() else []
