@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -313,14 +314,15 @@ def _extract_archive(archive: Path, config: DataConfig) -> Path:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
     except (tarfile.TarError, OSError, EOFError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"cannot extract {archive}: {exc}") from exc
     # the archive may hold the layout at its top or inside one folder
     inner = _layout_root(tmp) or tmp
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     inner.rename(target)
+    if inner != tmp:  # the layout sat inside one folder: drop the now empty wrapper
+        shutil.rmtree(tmp, ignore_errors=True)
     (target / ".extracted").touch()
     return target
 

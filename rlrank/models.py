@@ -371,6 +371,12 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
                 f"the model expects {tuple(own[key].shape)}"
             )
     missing = [k for k in own if k not in state]
+    # checkpoints older than BatchNorm's ``num_batches_tracked`` buffer (PyTorch < 0.4.1, e.g. the
+    # original CIFAR ResNets) lack it: keep the model's own value, as ``load_state_dict`` would
+    legacy = [k for k in missing if k.endswith(".num_batches_tracked") or k == "num_batches_tracked"]
+    if legacy:
+        state = {**state, **{k: own[k] for k in legacy}}
+        missing = [k for k in missing if k not in legacy]
     if missing:
         raise ModelError(
             f"{source} does not fit this model: missing key {missing[0]!r} ({len(missing)} missing)"

@@ -83,7 +83,9 @@ def test_ddpg_learns_which_layer_to_keep(tiny_layers):
         return Evaluation(accuracy=float(np.dot(weights, [p.ratio for p in plans]) / weights.sum()))
 
     env = RankSearchEnv(tiny_layers, evaluator, budget=0.4)
-    cfg = DDPGConfig(warmup=15, noise_init=0.3, noise_decay=0.9, hidden=(64, 64), actor_lr=1e-3, updates_per_step=4)
+    cfg = DDPGConfig(
+        warmup=15, noise_init=0.3, noise_decay=0.9, hidden=(64, 64), actor_lr=1e-3, updates_per_step=4
+    )
     agent = DDPGAgent(env.observation_space, env.action_space, cfg, seed=0)
     rewards = []
     for episode in range(70):
@@ -99,7 +101,9 @@ def test_ddpg_learns_which_layer_to_keep(tiny_layers):
 
 def test_bootstrap_credit_stores_reward_on_last_step_only(tiny_layers):
     env = RankSearchEnv(tiny_layers, lambda plans: Evaluation(accuracy=0.7), budget=0.5)
-    agent = DDPGAgent(env.observation_space, env.action_space, DDPGConfig(warmup=5, credit="bootstrap"), seed=0)
+    agent = DDPGAgent(
+        env.observation_space, env.action_space, DDPGConfig(warmup=5, credit="bootstrap"), seed=0
+    )
     transitions, reward, _ = run_episode(env, agent, 0)
     agent.end_episode(transitions, reward)
     n = len(transitions)
@@ -138,7 +142,11 @@ def test_policy_save_load_round_trip(tiny_layers, tmp_path):
 def test_crafted_pickle_policy_is_not_executed(tiny_layers, tmp_path):
     env = RankSearchEnv(tiny_layers, lambda plans: Evaluation(accuracy=0.5), budget=0.5)
     agent = DDPGAgent(env.observation_space, env.action_space, DDPGConfig(), seed=0)
-    save_policy(tmp_path / "p", agent, {"model": "tiny", "decomposition": "tucker2", "observation_features": list(OBSERVATION_FEATURES)})
+    save_policy(
+        tmp_path / "p",
+        agent,
+        {"model": "tiny", "decomposition": "tucker2", "observation_features": list(OBSERVATION_FEATURES)},
+    )
     marker = tmp_path / "PWNED"
 
     class Evil:

@@ -102,7 +102,9 @@ def test_info_and_rewards(tiny_layers):
     assert set(info["ratios"]) == {layer.name for layer in env.steps}
     assert set(info["ranks"]) == set(info["ratios"])
     for plan in info["plans"]:
-        assert plan == plan_layer(env.steps[[s.name for s in env.steps].index(plan.name)], plan.ratio, "tucker2")
+        assert plan == plan_layer(
+            env.steps[[s.name for s in env.steps].index(plan.name)], plan.ratio, "tucker2"
+        )
     assert total == pytest.approx(info["accuracy"])
     assert 0 < info["params_ratio"] <= 1 and 0 < info["flops_ratio"] <= 0.5
 

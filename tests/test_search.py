@@ -57,7 +57,11 @@ def test_cli_leaves_every_artifact(ddpg_run, capsys):
     assert best["reward"] == max(r["reward"] for r in rows)
     assert best["flops_ratio"] <= 0.5 and {entry["name"] for entry in best["layers"]} == layer_names
 
-    assert {p.name for p in (run / "stage-1" / "policy").iterdir()} == {"policy.pt", "policy.json", "replay.npz"}
+    assert {p.name for p in (run / "stage-1" / "policy").iterdir()} == {
+        "policy.pt",
+        "policy.json",
+        "replay.npz",
+    }
 
     model = rlrank.load(run / "model.pt")
     assert not model.training
@@ -75,7 +79,9 @@ def test_cli_leaves_every_artifact(ddpg_run, capsys):
 
 
 def test_cli_prints_dense_and_compressed_accuracy(tmp_path, ddpg_run, capsys):
-    code = main([*FAST, "--agent", "uniform", "--checkpoint", str(ddpg_run / "dense.pt"), "--out", str(tmp_path)])
+    code = main(
+        [*FAST, "--agent", "uniform", "--checkpoint", str(ddpg_run / "dense.pt"), "--out", str(tmp_path)]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "dense      test accuracy" in out and "compressed test accuracy" in out
@@ -90,7 +96,9 @@ def test_cli_prints_dense_and_compressed_accuracy(tmp_path, ddpg_run, capsys):
 @pytest.mark.parametrize("agent", ["random", "energy", "vbmf"])
 def test_every_agent_meets_the_budget(agent, tmp_path, ddpg_run):
     args = [*FAST, "--flops", "0.35", "--agent", agent, "--episodes", "3", "--final-epochs", "0"]
-    assert main([*args, "--checkpoint", str(ddpg_run / "dense.pt"), "--out", str(tmp_path), "--no-latency"]) == 0
+    assert (
+        main([*args, "--checkpoint", str(ddpg_run / "dense.pt"), "--out", str(tmp_path), "--no-latency"]) == 0
+    )
     (run,) = run_dirs(tmp_path)
     rows = read_rows(run / "stage-1" / "episodes.jsonl")
     assert len(rows) == (3 if agent == "random" else 1)

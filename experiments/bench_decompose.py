@@ -1,0 +1,215 @@
+"""Benchmark: applying a rank strategy from a cold vs a warm factor cache.
+
+For each model (built for 32x32 inputs, i.e. ResNet-18 with its CIFAR stem; random initialization,
+since the weights do not change the cost of an SVD or of building modules):
+
+* **cold**: construct a :class:`rlrank.decompose.FactorCache`, ``prepare_all()`` (every layer's
+  SVDs), plan a random rank vector (one ratio per layer, uniform in [0.1, 0.9]) and
+  ``decompose_model`` -- what the first episode of a search pays;
+* **warm**: plan a new random rank vector and ``decompose_model`` with the same cache -- what every
+  later episode pays.
+
+Each figure is the median over ``--repeats`` runs, each with a fresh random rank vector (and, for
+cold, a fresh cache). The goal is warm >= 20x faster than cold. A Markdown section with the command,
+date, device, torch version and wall time is appended to ``--results``.
+
+Run from the repository root::
+
+    python experiments/bench_decompose.py
+    python experiments/bench_decompose.py --models resnet20 --repeats 5 --no-append --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime as dt
+import io
+import os
+import platform
+import pstats
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlrank.decompose import FactorCache, decompose_model, describe_layers, is_compressible, plan_layer
+from rlrank.models import ModelSpec, build_model
+
+INPUT_SIZE = 32
+RATIO_RANGE = (0.1, 0.9)
+HEADER = (
+    "# rlrank — benchmark results\n\n"
+    "Every figure below comes from a run recorded with its command, date, device and wall time.\n"
+)
+
+
+@dataclass
+class Result:
+    model: str
+    layers: int
+    compressible: int
+    cold_s: float
+    warm_s: float
+    cold_runs: list[float]
+    warm_runs: list[float]
+
+    @property
+    def speedup(self) -> float:
+        return self.cold_s / self.warm_s
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models", nargs="+", default=["resnet18", "resnet56"], help="registered model names"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median is reported)")
+    parser.add_argument("--decomposition", default="tucker2", choices=["tucker2", "svd", "cp"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random rank vectors")
+    parser.add_argument("--results", type=Path, default=Path("experiments/RESULTS.md"))
+    parser.add_argument("--no-append", action="store_true", help="print only; leave the results file alone")
+    parser.add_argument(
+        "--profile", action="store_true", help="after timing, cProfile one warm application per model"
+    )
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def random_plans(layers, decomposition: str, generator: torch.Generator):
+    ratios = torch.empty(len(layers), dtype=torch.float64).uniform_(*RATIO_RANGE, generator=generator)
+    return [plan_layer(layer, float(r), decomposition) for layer, r in zip(layers, ratios, strict=True)]
+
+
+def bench_model(name: str, decomposition: str, repeats: int, seed: int, profile: bool) -> Result:
+    model = build_model(ModelSpec(name, num_classes=10, in_channels=3, input_size=INPUT_SIZE)).eval()
+    all_layers = describe_layers(model, (3, INPUT_SIZE, INPUT_SIZE))
+    layers = [layer for layer in all_layers if is_compressible(layer, decomposition)]
+    generator = torch.Generator().manual_seed(seed)
+
+    cold_runs, cache = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        cache = FactorCache(model, layers, decomposition)
+        cache.prepare_all()
+        decompose_model(model, random_plans(layers, decomposition, generator), cache)
+        cold_runs.append(time.perf_counter() - start)
+
+    warm_runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        decompose_model(model, random_plans(layers, decomposition, generator), cache)
+        warm_runs.append(time.perf_counter() - start)
+
+    if profile:
+        profiler = cProfile.Profile()
+        plans = random_plans(layers, decomposition, generator)
+        profiler.runcall(decompose_model, model, plans, cache)
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
+        print(f"\n--- cProfile of one warm application, {name} ---\n{out.getvalue()}")
+
+    return Result(
+        name,
+        len(all_layers),
+        len(layers),
+        statistics.median(cold_runs),
+        statistics.median(warm_runs),
+        cold_runs,
+        warm_runs,
+    )
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| model | layers (compressible / all) | cold s | warm s | speed-up | cold runs s | warm runs s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.model} | {r.compressible} / {r.layers} | {r.cold_s:.3f} | {r.warm_s:.3f} | "
+            f"{r.speedup:.1f}x | {', '.join(f'{t:.3f}' for t in r.cold_runs)} | "
+            f"{', '.join(f'{t:.3f}' for t in r.warm_runs)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.perf_counter()
+    load_before = load_average()
+    command = " ".join(
+        ["python", *map(shlex.quote, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])]
+    )
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results = []
+    for name in args.models:
+        result = bench_model(name, args.decomposition, args.repeats, args.seed, args.profile)
+        print(
+            f"{name}: {result.compressible}/{result.layers} layers, cold {result.cold_s:.3f} s, "
+            f"warm {result.warm_s:.3f} s, speed-up {result.speedup:.1f}x",
+            flush=True,
+        )
+        results.append(result)
+    wall = time.perf_counter() - began
+
+    goal = "all meet" if all(r.speedup >= 20 for r in results) else "NOT all meet"
+    section = "\n".join(
+        [
+            f"## Factor cache: cold vs warm strategy application ({args.decomposition}) — {date}",
+            "",
+            f"- command: `{command}`",
+            f"- device: {cpu_model()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads",
+            f"- torch {torch.__version__}, Python {platform.python_version()}",
+            f"- load average (1 / 5 / 15 min) before: {load_before}, after: {load_average()}",
+            f"- total wall time of the script: {wall:.1f} s",
+            f"- models built for {INPUT_SIZE}x{INPUT_SIZE} inputs (ResNet-18 with its CIFAR stem), random "
+            "initialization (weights do not change the timing); rank ratios uniform in "
+            f"[{RATIO_RANGE[0]}, {RATIO_RANGE[1]}] per layer; medians over {args.repeats} runs, each with "
+            "a fresh random rank vector (cold: also a fresh cache). Cold = FactorCache construction + "
+            "prepare_all + plan + decompose_model; warm = plan + decompose_model with the same cache.",
+            "",
+            table(results),
+            "",
+            f"Goal warm >= 20x faster than cold: {goal}.",
+            "",
+        ]
+    )
+    print()
+    print(section)
+    if not args.no_append:
+        path = args.results
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_text(HEADER)
+        with path.open("a") as handle:  # append only: earlier sections stay as they were
+            handle.write("\n" + section)
+        print(f"appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
