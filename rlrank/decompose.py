@@ -234,9 +234,18 @@ def _conv(
     dilation=(1, 1),
     groups=1,
     bias=False,
+    device=None,
 ) -> nn.Conv2d:
     return nn.Conv2d(
-        cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias
+        cin,
+        cout,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        device=device,
     )
 
 
@@ -245,13 +254,23 @@ class Tucker2Conv(FactorizedLayer):
 
     method = "tucker2"
 
-    def __init__(self, conv: dict[str, Any], ranks: tuple[int, int]) -> None:
+    def __init__(
+        self, conv: dict[str, Any], ranks: tuple[int, int], device: torch.device | str | None = None
+    ) -> None:
         r_out, r_in = ranks
         super().__init__(
             OrderedDict(
-                first=_conv(conv["in_channels"], r_in, (1, 1)),
-                core=_conv(r_in, r_out, conv["kernel"], conv["stride"], conv["padding"], conv["dilation"]),
-                last=_conv(r_out, conv["out_channels"], (1, 1), bias=conv["bias"]),
+                first=_conv(conv["in_channels"], r_in, (1, 1), device=device),
+                core=_conv(
+                    r_in,
+                    r_out,
+                    conv["kernel"],
+                    conv["stride"],
+                    conv["padding"],
+                    conv["dilation"],
+                    device=device,
+                ),
+                last=_conv(r_out, conv["out_channels"], (1, 1), bias=conv["bias"], device=device),
             ),
             ranks,
         )
@@ -280,14 +299,22 @@ class SVDConv(FactorizedLayer):
 
     method = "svd"
 
-    def __init__(self, conv: dict[str, Any], ranks: tuple[int]) -> None:
+    def __init__(
+        self, conv: dict[str, Any], ranks: tuple[int], device: torch.device | str | None = None
+    ) -> None:
         (r,) = ranks
         super().__init__(
             OrderedDict(
                 first=_conv(
-                    conv["in_channels"], r, conv["kernel"], conv["stride"], conv["padding"], conv["dilation"]
+                    conv["in_channels"],
+                    r,
+                    conv["kernel"],
+                    conv["stride"],
+                    conv["padding"],
+                    conv["dilation"],
+                    device=device,
                 ),
-                last=_conv(r, conv["out_channels"], (1, 1), bias=conv["bias"]),
+                last=_conv(r, conv["out_channels"], (1, 1), bias=conv["bias"], device=device),
             ),
             ranks,
         )
@@ -314,7 +341,9 @@ class CPConv(FactorizedLayer):
 
     method = "cp"
 
-    def __init__(self, conv: dict[str, Any], ranks: tuple[int]) -> None:
+    def __init__(
+        self, conv: dict[str, Any], ranks: tuple[int], device: torch.device | str | None = None
+    ) -> None:
         (r,) = ranks
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
             conv["kernel"],
@@ -324,10 +353,10 @@ class CPConv(FactorizedLayer):
         )
         super().__init__(
             OrderedDict(
-                first=_conv(conv["in_channels"], r, (1, 1)),
-                vertical=_conv(r, r, (kh, 1), (sh, 1), (ph, 0), (dh, 1), groups=r),
-                horizontal=_conv(r, r, (1, kw), (1, sw), (0, pw), (1, dw), groups=r),
-                last=_conv(r, conv["out_channels"], (1, 1), bias=conv["bias"]),
+                first=_conv(conv["in_channels"], r, (1, 1), device=device),
+                vertical=_conv(r, r, (kh, 1), (sh, 1), (ph, 0), (dh, 1), groups=r, device=device),
+                horizontal=_conv(r, r, (1, kw), (1, sw), (0, pw), (1, dw), groups=r, device=device),
+                last=_conv(r, conv["out_channels"], (1, 1), bias=conv["bias"], device=device),
             ),
             ranks,
         )
@@ -360,12 +389,14 @@ class SVDLinear(FactorizedLayer):
 
     method = "svd"
 
-    def __init__(self, linear: dict[str, Any], ranks: tuple[int]) -> None:
+    def __init__(
+        self, linear: dict[str, Any], ranks: tuple[int], device: torch.device | str | None = None
+    ) -> None:
         (r,) = ranks
         super().__init__(
             OrderedDict(
-                first=nn.Linear(linear["in_channels"], r, bias=False),
-                last=nn.Linear(r, linear["out_channels"], bias=linear["bias"]),
+                first=nn.Linear(linear["in_channels"], r, bias=False, device=device),
+                last=nn.Linear(r, linear["out_channels"], bias=linear["bias"], device=device),
             ),
             ranks,
         )
@@ -384,6 +415,10 @@ class SVDLinear(FactorizedLayer):
 
     def effective_weight(self) -> torch.Tensor:
         return self.last.weight @ self.first.weight
+
+
+FORMS: dict[str, type[FactorizedLayer]] = {"tucker2": Tucker2Conv, "svd": SVDConv, "cp": CPConv}
+"""Factorized forms of a k x k convolution, by decomposition name."""
 
 
 def _geometry(module: nn.Module) -> dict[str, Any]:
@@ -426,10 +461,9 @@ def empty_factorized(module: nn.Module, method: str, ranks: tuple[int, ...]) -> 
         return SVDLinear(geometry, ranks)
     if geometry["kernel"] == (1, 1) and method != "svd":
         raise DecompositionError(f"1x1 convolutions are factorized by svd, not {method!r}")
-    forms = {"tucker2": Tucker2Conv, "svd": SVDConv, "cp": CPConv}
-    if method not in forms:
+    if method not in FORMS:
         raise DecompositionError(f"unknown decomposition {method!r}; known: {', '.join(DECOMPOSITIONS)}")
-    return forms[method](geometry, ranks)
+    return FORMS[method](geometry, ranks)
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -599,6 +633,7 @@ class FactorCache:
                 self._bias[name] = None if bias is None else bias.detach().to("cpu", torch.float64).clone()
         self._svd: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._memo: dict[tuple[str, tuple[int, ...]], list[torch.Tensor]] = {}
+        self._cores: dict[str, torch.Tensor] = {}
 
     def method(self, name: str) -> str:
         return method_for(self.layers[name], self.decomposition)
@@ -615,6 +650,8 @@ class FactorCache:
         """Compute (once) the SVDs of a layer's unfoldings."""
         if name not in self._svd:
             self._svd[name] = [_thin_svd(m) for m in self._unfoldings(name)]
+            if self.method(name) == "tucker2" and self._weights[name].dim() == 4:
+                self._full_core(name)
 
     def prepare_all(self, progress: bool = False) -> None:
         """Factorize every cached layer now (otherwise each is done on first use)."""
@@ -682,8 +719,22 @@ class FactorCache:
                 torch.from_numpy(np.ascontiguousarray(factors[0])),
                 torch.from_numpy(np.ascontiguousarray(factors[1])),
             )
-        core = torch.einsum("oikl,or,is->rskl", w, u_out, u_in)
-        return [u_in.T.contiguous()[:, :, None, None], core, u_out.contiguous()[:, :, None, None]]
+            core = torch.einsum("oikl,or,is->rskl", w, u_out, u_in)
+        else:
+            # the factors are orthonormal: the truncated core is a slice of the full one
+            core = self._full_core(name)[:r_out, :r_in]
+        return [
+            u_in.T.contiguous()[:, :, None, None],
+            core.contiguous(),
+            u_out.contiguous()[:, :, None, None],
+        ]
+
+    def _full_core(self, name: str) -> torch.Tensor:
+        """The Tucker-2 core at full ranks, computed once per layer."""
+        if name not in self._cores:
+            (u_out, _, _), (u_in, _, _) = self._svd[name]
+            self._cores[name] = torch.einsum("oikl,or,is->rskl", self._weights[name], u_out, u_in)
+        return self._cores[name]
 
     def _cp(self, name: str, r: int) -> list[torch.Tensor]:
         import tensorly as tl
@@ -729,12 +780,11 @@ class FactorCache:
                 "bias",
             )
         }
-        method = self.method(name)
-        if layer.kind == "linear":
-            module: FactorizedLayer = SVDLinear(geometry, ranks)
-        else:
-            module = {"tucker2": Tucker2Conv, "svd": SVDConv, "cp": CPConv}[method](geometry, ranks)
-        module = module.to(device=device, dtype=dtype)
+        form = SVDLinear if layer.kind == "linear" else FORMS[self.method(name)]
+        if layer.params > 16384:  # skip the random initialization of large factors: they are overwritten
+            module = form(geometry, ranks, device="meta").to_empty(device=device).to(dtype=dtype)
+        else:  # (for small ones, plain construction is cheaper than the meta device)
+            module = form(geometry, ranks).to(device=device, dtype=dtype)
         factors = self.factors(name, ranks)
         with torch.no_grad():
             for child, weight in zip(module.children(), factors, strict=True):
@@ -771,15 +821,24 @@ def decompose_model(
     Returns:
         The decomposed model, on the device of ``model``.
     """
-    target = model if inplace else copy.deepcopy(model)
-    param = next(target.parameters())
-    for plan in plans:
-        if plan.dense:
-            continue
-        current = cache.layers[plan.name]
-        if current.method == plan.method and current.ranks == plan.ranks:
-            continue
-        replace_module(target, plan.name, cache.build(plan.name, plan.ranks, param.device, param.dtype))
+    changes = [
+        plan
+        for plan in plans
+        if not plan.dense
+        and not (
+            cache.layers[plan.name].method == plan.method and cache.layers[plan.name].ranks == plan.ranks
+        )
+    ]
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    if inplace:
+        target = model
+    else:
+        # copy everything but the layers about to be replaced (their weights would be thrown away)
+        memo = {id(model.get_submodule(plan.name)): nn.Identity() for plan in changes}
+        target = copy.deepcopy(model, memo)
+    for plan in changes:
+        replace_module(target, plan.name, cache.build(plan.name, plan.ranks, device, dtype))
     return target
 
 
