@@ -33,7 +33,10 @@ class SearchConfig:
     flops: float = 0.5
     decomposition: str = "tucker2"
     hooi_iters: int = 0
+    data_aware: bool = False
+    data_aware_batches: int = 8
     min_ratio: float = 0.05
+    fill_budget: bool = True
     # search
     agent: str = "ddpg"
     episodes: int = 100

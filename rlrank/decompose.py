@@ -196,6 +196,27 @@ def max_ratio_within(
     return lo
 
 
+def min_ratio_reaching(
+    layer: LayerInfo, decomposition: str, min_macs: float, lo: float, hi: float, allow_dense: bool = True
+) -> float:
+    """Smallest ratio in ``[lo, hi]`` whose plan costs at least ``min_macs`` (``hi`` if none does)."""
+
+    def cost(ratio: float) -> int:
+        return plan_layer(layer, ratio, decomposition, allow_dense).macs
+
+    if cost(lo) >= min_macs:
+        return lo
+    if cost(hi) < min_macs:
+        return hi
+    for _ in range(40):  # MACs are non-decreasing in the ratio: bisect
+        mid = 0.5 * (lo + hi)
+        if cost(mid) >= min_macs:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 # --------------------------------------------------------------------------------------------
 # Factorized modules
 # --------------------------------------------------------------------------------------------
@@ -607,6 +628,11 @@ class FactorCache:
         hooi_iters: HOOI sweeps refining each Tucker-2 truncation (0: plain truncated HOSVD).
         cp_iters: ALS iterations of each CP factorization.
         seed: Seed of CP's initialization.
+        output_covariances: Data-aware factorization: per layer, the covariance of its outputs on
+            training data (:func:`output_covariances`). For SVD and Tucker-2 the output factor is
+            then the leading eigenvectors of that covariance rather than of the weights, which
+            keeps the directions the layer's responses actually use (Zhang et al., 2016); the rest
+            of the factorization is fitted to the weights. HOOI is skipped for those layers.
     """
 
     def __init__(
@@ -617,6 +643,7 @@ class FactorCache:
         hooi_iters: int = 0,
         cp_iters: int = 50,
         seed: int = 0,
+        output_covariances: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.decomposition = check_decomposition(decomposition)
         self.hooi_iters = hooi_iters
@@ -634,6 +661,8 @@ class FactorCache:
         self._svd: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._memo: dict[tuple[str, tuple[int, ...]], list[torch.Tensor]] = {}
         self._cores: dict[str, torch.Tensor] = {}
+        self._covariances = {k: v.to("cpu", torch.float64) for k, v in (output_covariances or {}).items()}
+        self._out_basis: dict[str, torch.Tensor] = {}
 
     def method(self, name: str) -> str:
         return method_for(self.layers[name], self.decomposition)
@@ -650,6 +679,10 @@ class FactorCache:
         """Compute (once) the SVDs of a layer's unfoldings."""
         if name not in self._svd:
             self._svd[name] = [_thin_svd(m) for m in self._unfoldings(name)]
+            if name in self._covariances and self.method(name) in ("svd", "tucker2"):
+                values, vectors = torch.linalg.eigh(self._covariances[name])
+                rank = self._svd[name][0][0].shape[1]
+                self._out_basis[name] = vectors.flip(-1)[:, :rank].contiguous()
             if self.method(name) == "tucker2" and self._weights[name].dim() == 4:
                 self._full_core(name)
 
@@ -678,7 +711,7 @@ class FactorCache:
         full = full_ranks(self.layers[name], method)
         if method != "cp" and any(not 1 <= r <= f for r, f in zip(ranks, full, strict=True)):
             raise DecompositionError(f"ranks {ranks} out of range 1..{full} for layer {name}")
-        if method == "cp" or (method == "tucker2" and self.hooi_iters > 0):
+        if method == "cp" or (method == "tucker2" and self.hooi_iters > 0 and name not in self._out_basis):
             key = (name, ranks)
             if key not in self._memo:
                 self._memo[key] = self._cp(name, ranks[0]) if method == "cp" else self._tucker2(name, ranks)
@@ -688,10 +721,14 @@ class FactorCache:
     def _svd_factors(self, name: str, r: int) -> list[torch.Tensor]:
         self.prepare(name)
         ((u, s, vh),) = self._svd[name]
-        root = s[:r].sqrt()
         w = self._weights[name]
-        first = root[:, None] * vh[:r]
-        last = u[:, :r] * root[None, :]
+        if name in self._out_basis:  # data-aware: project the outputs onto their principal subspace
+            last = self._out_basis[name][:, :r]
+            first = last.T @ w.flatten(1)
+        else:
+            root = s[:r].sqrt()
+            first = root[:, None] * vh[:r]
+            last = u[:, :r] * root[None, :]
         if w.dim() == 4:
             first = first.reshape(r, *w.shape[1:])
             last = last[:, :, None, None]
@@ -701,9 +738,10 @@ class FactorCache:
         self.prepare(name)
         r_out, r_in = ranks
         (u_out, _, _), (u_in, _, _) = self._svd[name]
+        u_out = self._out_basis.get(name, u_out)
         u_out, u_in = u_out[:, :r_out], u_in[:, :r_in]
         w = self._weights[name]
-        if self.hooi_iters > 0:
+        if self.hooi_iters > 0 and name not in self._out_basis:
             from tensorly.decomposition import partial_tucker
 
             init_core = torch.einsum("oikl,or,is->rskl", w, u_out, u_in)
@@ -733,6 +771,7 @@ class FactorCache:
         """The Tucker-2 core at full ranks, computed once per layer."""
         if name not in self._cores:
             (u_out, _, _), (u_in, _, _) = self._svd[name]
+            u_out = self._out_basis.get(name, u_out)
             self._cores[name] = torch.einsum("oikl,or,is->rskl", self._weights[name], u_out, u_in)
         return self._cores[name]
 
@@ -793,6 +832,53 @@ class FactorCache:
             if bias is not None:
                 module[-1].bias.copy_(bias)
         return module
+
+
+@torch.no_grad()
+def output_covariances(
+    model: nn.Module, names: Iterable[str], batches: Iterable[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Uncentered covariance ``E[y y^T]`` of each named layer's outputs (bias removed), per channel.
+
+    Args:
+        model: The model (dense or factorized layers alike); run in eval mode.
+        names: Layers to observe.
+        batches: Input batches (normalized images), e.g. a few training batches.
+
+    Returns:
+        ``{name: (out, out) float64 tensor}``, averaged over every output position seen.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            bias = effective_bias(module)
+            y = output.detach().double()
+            if output.dim() == 4:
+                if bias is not None:
+                    y = y - bias.double().view(1, -1, 1, 1)
+                y = y.transpose(0, 1).flatten(1)
+            else:
+                if bias is not None:
+                    y = y - bias.double()
+                y = y.T
+            sums[name] = sums.get(name, 0) + y @ y.T
+            counts[name] = counts.get(name, 0) + y.shape[1]
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in names]
+    was_training = model.training
+    model.eval()
+    try:
+        for images in batches:
+            model(images)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {name: (sums[name] / counts[name]).cpu() for name in sums}
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ a killed search from its last completed episode.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import random
@@ -45,6 +46,7 @@ from rlrank.decompose import (
     describe_layers,
     is_compressible,
     load,
+    output_covariances,
     save,
 )
 from rlrank.envs import (
@@ -382,7 +384,20 @@ def _run_stage(
     logger.info("stage %d: searching ranks for %.3f of the dense FLOPs", k, budget)
     layers = describe_layers(model, setup.input_shape)
     steps = [layer for layer in layers if is_compressible(layer, config.decomposition)]
-    cache = FactorCache(model, steps, config.decomposition, hooi_iters=config.hooi_iters, seed=config.seed)
+    covariances = None
+    if config.data_aware:  # fit output factors to the layers' responses on training images
+        generator = torch.Generator().manual_seed(config.seed + 31 * k)
+        batches = data.batches(data.train, config.batch_size, shuffle=True, generator=generator)
+        images = (x for x, _ in itertools.islice(batches, config.data_aware_batches))
+        covariances = output_covariances(model, [layer.name for layer in steps], images)
+    cache = FactorCache(
+        model,
+        steps,
+        config.decomposition,
+        hooi_iters=config.hooi_iters,
+        seed=config.seed,
+        output_covariances=covariances,
+    )
     cache.prepare_all(progress=progress)
     reward_config = FinetuneConfig(
         steps=config.finetune_steps,
@@ -402,8 +417,11 @@ def _run_stage(
         reward=config.reward,
         total_params=dense_params,
         allow_dense=config.stages == 1,
+        fill_budget=config.fill_budget,
     )
     agent = _make_agent(config, env, cache, k)
+    if isinstance(agent, FixedStrategyAgent):
+        env.fill_budget = False  # a rule's strategy is played as its knob made it, not topped up
     search = _search(stage_dir, config, env, agent, evaluator, k, budget, progress)
 
     # ---- the chosen strategy, applied and fine-tuned

@@ -155,6 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOOI sweeps refining each Tucker-2 truncation (default: %(default)s)",
     )
     g.add_argument(
+        "--data-aware",
+        action="store_true",
+        help="fit each layer's output factor to its responses on training images, not to its weights alone",
+    )
+    g.add_argument(
+        "--data-aware-batches",
+        type=_positive,
+        default=d.data_aware_batches,
+        help="training batches observed for --data-aware (default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-fill-budget",
+        dest="fill_budget",
+        action="store_false",
+        help="let episodes leave budget unused (AMC's single action wall); by default a lower wall "
+        "makes every episode spend its whole budget",
+    )
+    g.add_argument(
         "--min-ratio",
         type=_fraction,
         default=d.min_ratio,

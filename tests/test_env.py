@@ -74,6 +74,25 @@ def test_budget_holds_in_1000_random_episodes(tiny_layers):
         assert worst > 0.8 * budget  # the wall caps, it does not starve
 
 
+def test_fill_budget_spends_the_budget_in_every_episode(resnet20_layers):
+    rng = np.random.default_rng(1)
+    filled = RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.4)
+    single_wall = RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.4, fill_budget=False)
+    used, unused = [], []
+    for _ in range(100):
+        used.append(
+            play(filled, lambda obs: rng.uniform(-1, 1, size=(1,)).astype(np.float32))[1]["flops_ratio"]
+        )
+        unused.append(
+            play(single_wall, lambda obs: rng.uniform(-1, 1, size=(1,)).astype(np.float32))[1]["flops_ratio"]
+        )
+    assert max(used) <= 0.4 and min(used) > 0.39  # integer ranks leave a sliver
+    assert min(unused) < 0.3  # a single wall lets random episodes waste budget
+    # a timid agent is pushed up to the budget; a greedy one still stops at it
+    assert play(filled, lambda obs: -np.ones(1, np.float32))[1]["flops_ratio"] > 0.39
+    assert play(filled, lambda obs: np.ones(1, np.float32))[1]["flops_ratio"] <= 0.4
+
+
 def test_greedy_agent_is_walled_close_to_budget(resnet20_layers):
     env = RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.3)
     _, info = play(env, lambda obs: np.ones(1, dtype=np.float32))

@@ -120,3 +120,11 @@ def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no CUDA device" in err[0]
     assert run_dirs(tmp_path) == []
+
+
+def test_data_aware_search(tmp_path, ddpg_run):
+    args = [*FAST, "--agent", "uniform", "--data-aware", "--data-aware-batches", "2", "--final-epochs", "0"]
+    assert main([*args, "--checkpoint", str(ddpg_run / "dense.pt"), "--out", str(tmp_path), "--no-latency"]) == 0
+    (run,) = run_dirs(tmp_path)
+    assert json.loads((run / "config.json").read_text())["data_aware"] is True
+    assert json.loads((run / "report.json").read_text())["compressed"]["flops_ratio"] <= 0.5
