@@ -384,7 +384,11 @@ def read_policy_metadata(directory: str | Path) -> dict[str, Any]:
 
 
 def check_policy_fits(
-    meta: dict[str, Any], observation_features: Sequence[str], decomposition: str, model: str
+    meta: dict[str, Any],
+    observation_features: Sequence[str],
+    decomposition: str,
+    model: str,
+    action_space: str = "relative",
 ) -> str | None:
     """Check a saved policy against what it is applied to.
 
@@ -393,7 +397,7 @@ def check_policy_fits(
         same observation layout.
 
     Raises:
-        PolicyError: Another observation layout or another decomposition.
+        PolicyError: Another observation layout, decomposition or action space.
     """
     saved = list(meta.get("observation_features", []))
     if saved != list(observation_features):
@@ -403,6 +407,12 @@ def check_policy_fits(
     if meta.get("decomposition") != decomposition:
         raise PolicyError(
             f"policy was trained for decomposition {meta.get('decomposition')!r}, not {decomposition!r}"
+        )
+    saved_actions = meta.get("action_space", "absolute")
+    if saved_actions != action_space:
+        raise PolicyError(
+            f"policy was trained with --action-space {saved_actions}, not {action_space} "
+            f"(pass --action-space {saved_actions})"
         )
     if meta.get("model") != model:
         return f"policy was trained on model {meta.get('model')!r}, applying it to {model!r} (same observation layout)"

@@ -8,6 +8,7 @@ Importing this package registers ``rlrank/RankSearch-v0``::
 import gymnasium as gym
 
 from rlrank.envs.rank_search import (
+    ACTION_MODES,
     OBSERVATION_FEATURES,
     REWARDS,
     BudgetError,
@@ -16,6 +17,7 @@ from rlrank.envs.rank_search import (
     RankSearchEnv,
     action_to_ratio,
     ratio_to_action,
+    relative_action_to_ratio,
     smallest_budget,
 )
 
@@ -25,6 +27,7 @@ if ENV_ID not in gym.registry:
     gym.register(id=ENV_ID, entry_point="rlrank.envs.rank_search:RankSearchEnv")
 
 __all__ = [
+    "ACTION_MODES",
     "ENV_ID",
     "OBSERVATION_FEATURES",
     "REWARDS",
@@ -34,5 +37,6 @@ __all__ = [
     "RankSearchEnv",
     "action_to_ratio",
     "ratio_to_action",
+    "relative_action_to_ratio",
     "smallest_budget",
 ]

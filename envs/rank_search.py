@@ -40,10 +40,16 @@ OBSERVATION_FEATURES = (
     "current_ratio",
     "wall_ratio",
     "floor_ratio",
+    "fair_ratio",
 )
 """Names of the observation's entries, in order: the layout a saved policy is checked against."""
 
 REWARDS = ("acc", "acc-logflops")
+ACTION_MODES = ("relative", "absolute")
+RELATIVE_SCALE = 3.0
+"""With ``action_mode="relative"``, actions -1 / +1 divide / multiply the fair ratio by this."""
+FAIR_GRID = 512
+"""Ratios at which each layer's MACs are tabulated for the fair ratio (linear in [min_ratio, 1])."""
 
 
 class BudgetError(ValueError):
@@ -95,6 +101,12 @@ def ratio_to_action(ratio: float, low: float, high: float) -> float:
     return float(np.clip(2.0 * (ratio - low) / (high - low) - 1.0, -1.0, 1.0))
 
 
+def relative_action_to_ratio(action: float, fair: float) -> float:
+    """Map an action in [-1, 1] to ``fair * RELATIVE_SCALE ** action`` (0 gives the fair ratio)."""
+    a = float(np.clip(action, -1.0, 1.0))
+    return fair * RELATIVE_SCALE**a
+
+
 def smallest_budget(layers: Sequence[LayerInfo], decomposition: str, min_ratio: float) -> float:
     """Fraction of the dense MACs left with every compressible layer at ``min_ratio``."""
     dense = sum(layer.macs for layer in layers)
@@ -120,9 +132,15 @@ class RankSearchEnv(gym.Env):
 
     ## Action Space
 
-    ``Box(-1, 1, (1,), float32)``: mapped linearly to a rank ratio in ``[min_ratio, upper]``, where
-    ``upper`` is 1 for a dense layer and the layer's current ratio for one factorized in an earlier
-    stage (ranks never grow). The ratio is then clipped between two walls. The upper one is AMC's
+    ``Box(-1, 1, (1,), float32)``, mapped to a rank ratio in ``[min_ratio, upper]``, where ``upper``
+    is 1 for a dense layer and the layer's current ratio for one factorized in an earlier stage
+    (ranks never grow). With ``action_mode="relative"`` (default) the action scales the step's
+    *fair ratio*, the one ratio that, given to this layer and every later one, spends exactly the
+    budget left: ``ratio = fair * 3 ** action``, so action 0 everywhere is the uniform strategy and
+    the agent learns how to deviate from it (a measured improvement over AMC's absolute mapping, see
+    ``experiments/RESULTS.md``). With ``action_mode="absolute"`` (AMC) the action maps linearly onto
+    ``[min_ratio, upper]``; rule-based selectors play their ratios this way. The ratio is then
+    clipped between two walls. The upper one is AMC's
     *action wall*: the largest ratio that keeps the budget reachable with every later layer at
     ``min_ratio``, so no episode ever exceeds the budget. The lower one (``fill_budget``, default)
     is the smallest ratio that still lets the episode spend its whole budget with every later layer
@@ -134,13 +152,13 @@ class RankSearchEnv(gym.Env):
 
     ## Observation Space
 
-    ``Box(0, 1, (17,), float32)``, entries named by :data:`OBSERVATION_FEATURES`: the layer's
+    ``Box(0, 1, (18,), float32)``, entries named by :data:`OBSERVATION_FEATURES`: the layer's
     index, whether it is linear and whether it is pointwise, in / out channels, kernel size, stride,
     input feature-map size (each divided by its maximum over the model's layers), its dense MACs and
     parameters (fractions of the dense model's), the MACs removed by the choices so far and the dense
     MACs of the layers still to come (fractions of the dense model's), the previous step's ratio, the
     episode's target budget, the layer's current ratio (1 unless factorized in an earlier stage) and
-    the two walls' bounds for this step (``wall_ratio``, ``floor_ratio``).
+    the two walls' bounds for this step (``wall_ratio``, ``floor_ratio``) and its fair ratio.
 
     ## Rewards
 
@@ -174,6 +192,7 @@ class RankSearchEnv(gym.Env):
     * ``reward``: ``acc`` or ``acc-logflops``.
     * ``total_params``: parameters of the dense model (default: those of the layers).
     * ``fill_budget``: clip ratios from below too, so that every episode uses its budget.
+    * ``action_mode``: ``relative`` (actions scale the fair ratio) or ``absolute`` (AMC's mapping).
     * ``allow_dense``: let a layer stay dense when its ratio saves nothing; ``False`` gives it the
       largest ranks that still save MACs instead (multi-stage runs factorize every layer in their
       first stage, so that later stages only re-factorize and never add depth).
@@ -193,10 +212,14 @@ class RankSearchEnv(gym.Env):
         total_params: int | None = None,
         allow_dense: bool = True,
         fill_budget: bool = True,
+        action_mode: str = "relative",
     ) -> None:
         super().__init__()
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}; known: {', '.join(REWARDS)}")
+        if action_mode not in ACTION_MODES:
+            raise ValueError(f"unknown action mode {action_mode!r}; known: {', '.join(ACTION_MODES)}")
+        self.action_mode = action_mode
         if not 0.0 < min_ratio <= 1.0:
             raise ValueError(f"min_ratio must be in (0, 1], got {min_ratio}")
         self.layers = list(layers)
@@ -225,6 +248,7 @@ class RankSearchEnv(gym.Env):
             plan_layer(layer, upper, self.decomposition, allow_dense).macs
             for layer, upper in zip(self.steps, self._upper, strict=True)
         ]
+        self._fair_grid, self._suffix_macs = self._tabulate_macs()
         self.budgets = [float(b) for b in (budgets if budgets else [budget])]
         for b in self.budgets:
             self.check_budget(b)
@@ -288,6 +312,34 @@ class RankSearchEnv(gym.Env):
             layer, self.decomposition, needed, self._low[index], self._upper[index], self.allow_dense
         )
 
+    def _tabulate_macs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every step's MACs on a grid of ratios, summed over the step and all later ones.
+
+        Computed once per environment, so that :meth:`fair_ratio` costs one binary search.
+        """
+        grid = np.linspace(self.min_ratio, 1.0, FAIR_GRID)
+        macs = np.empty((len(self.steps), FAIR_GRID), dtype=np.float64)
+        for i, layer in enumerate(self.steps):
+            row = [
+                plan_layer(
+                    layer,
+                    float(np.clip(r, self._low[i], self._upper[i])),
+                    self.decomposition,
+                    self.allow_dense,
+                ).macs
+                for r in grid
+            ]
+            macs[i] = np.maximum.accumulate(row)  # monotone in the ratio, for the binary search
+        suffix = np.cumsum(macs[::-1], axis=0)[::-1]
+        return grid, suffix
+
+    def fair_ratio(self, index: int, spent: float) -> float:
+        """The largest single ratio that, given to step ``index`` and every later step, keeps the
+        episode within its budget (the uniform strategy for what is left)."""
+        allowed = self.budget * self.dense_macs - self.fixed_macs - spent
+        g = int(np.searchsorted(self._suffix_macs[index], allowed + 1e-6, side="right")) - 1
+        return float(self._fair_grid[max(g, 0)])
+
     # ---------------------------------------------------------------- observations
 
     def _static_features(self) -> np.ndarray:
@@ -323,6 +375,7 @@ class RankSearchEnv(gym.Env):
             self._upper[t],
             self.wall(t, spent),
             self.floor(t, spent),
+            self.fair_ratio(t, spent),
         ]
         obs = np.concatenate([self._features[t], dynamic]).astype(np.float32)
         return np.clip(obs, 0.0, 1.0)
@@ -350,8 +403,12 @@ class RankSearchEnv(gym.Env):
             raise RuntimeError("step() called after the episode ended; call reset()")
         t = self._t
         low, high = self._low[t], self._upper[t]
-        wanted = action_to_ratio(float(np.asarray(action).reshape(-1)[0]), low, high)
+        a = float(np.asarray(action).reshape(-1)[0])
         spent = sum(p.macs for p in self._plans)
+        if self.action_mode == "relative":
+            wanted = float(np.clip(relative_action_to_ratio(a, self.fair_ratio(t, spent)), low, high))
+        else:
+            wanted = action_to_ratio(a, low, high)
         ratio = min(max(wanted, self.floor(t, spent)), self.wall(t, spent))
         self._plans.append(self.plan_step(t, ratio))
         self._prev_ratio = ratio

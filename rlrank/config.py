@@ -27,6 +27,7 @@ class SearchConfig:
     data_dir: str | None = None
     download: bool = False
     val_size: float | None = None
+    split_seed: int = 0
     checkpoint: str | None = None
     pretrained: bool = False
     # budget and decomposition
@@ -37,6 +38,7 @@ class SearchConfig:
     data_aware_batches: int = 8
     min_ratio: float = 0.05
     fill_budget: bool = True
+    action_space: str = "relative"
     # search
     agent: str = "ddpg"
     episodes: int = 100
@@ -57,7 +59,7 @@ class SearchConfig:
     final_epochs: float = 5.0
     final_lr: float = 0.01
     batch_size: int = 64
-    distill: float = 0.0
+    distill: float = 0.5
     # multi-stage
     stages: int = 1
     stage_budgets: list[float] | None = None

@@ -174,7 +174,9 @@ def prepare(config: SearchConfig) -> Setup:
     device = resolve_device(config.device)
     seed_everything(config.seed)
     val_size = config.val_size if config.val_size is not None else default_val_size(config.dataset)
-    data = load_data(DataConfig(config.dataset, config.data_dir, val_size, config.seed, config.download))
+    data = load_data(
+        DataConfig(config.dataset, config.data_dir, val_size, config.split_seed, config.download)
+    )
     data = data.to(device)
     spec = ModelSpec(config.model, data.num_classes, data.in_channels, data.input_size)
     model = build_model(spec, pretrained=config.pretrained)
@@ -190,7 +192,9 @@ def prepare(config: SearchConfig) -> Setup:
     setup = Setup(config, device, data, spec, model, layers, input_shape)
     if config.policy:
         meta = read_policy_metadata(config.policy)
-        warning = check_policy_fits(meta, OBSERVATION_FEATURES, config.decomposition, config.model)
+        warning = check_policy_fits(
+            meta, OBSERVATION_FEATURES, config.decomposition, config.model, config.action_space
+        )
         if warning:
             logger.warning(warning)
             setup.warnings.append(warning)
@@ -418,10 +422,13 @@ def _run_stage(
         total_params=dense_params,
         allow_dense=config.stages == 1,
         fill_budget=config.fill_budget,
+        action_mode=config.action_space,
     )
     agent = _make_agent(config, env, cache, k)
     if isinstance(agent, FixedStrategyAgent):
-        env.fill_budget = False  # a rule's strategy is played as its knob made it, not topped up
+        # a rule's strategy is played as its knob made it: absolute ratios, not topped up
+        env.fill_budget = False
+        env.action_mode = "absolute"
     search = _search(stage_dir, config, env, agent, evaluator, k, budget, progress)
 
     # ---- the chosen strategy, applied and fine-tuned
@@ -682,6 +689,7 @@ def _policy_metadata(config: SearchConfig, env: RankSearchEnv, episodes: int) ->
         "model": config.model,
         "dataset": config.dataset,
         "decomposition": config.decomposition,
+        "action_space": config.action_space,
         "observation_features": list(OBSERVATION_FEATURES),
         "layers": [layer.name for layer in env.steps],
         "budgets": config.train_budgets or [env.budget],

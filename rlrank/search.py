@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="validation images held out of train: a fraction (<1) or a count (default: 0.2 for digits, 5000 otherwise)",
     )
     g.add_argument(
+        "--split-seed",
+        type=int,
+        default=d.split_seed,
+        help="seed of the train/val split, kept apart from --seed so that runs with several seeds "
+        "share one held-out set (default: %(default)s)",
+    )
+    g.add_argument(
         "--checkpoint",
         metavar="PATH",
         help="trained weights: a state dict or {'state_dict': ...}, 'module.' prefix allowed",
@@ -171,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="let episodes leave budget unused (AMC's single action wall); by default a lower wall "
         "makes every episode spend its whole budget",
+    )
+    g.add_argument(
+        "--action-space",
+        choices=("relative", "absolute"),
+        default=d.action_space,
+        help="relative: an action scales the ratio that would share the budget left evenly "
+        "(0 = uniform); absolute: AMC's linear map onto [min-ratio, 1] (default: %(default)s)",
     )
     g.add_argument(
         "--min-ratio",
@@ -269,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--distill",
         type=float,
         default=d.distill,
-        help="weight of distillation from the dense model in fine-tunes, 0 = off (default: %(default)s)",
+        help="weight of distillation from the dense model in the stage and final fine-tunes, 0 = off; on by default since it measurably helps (experiments/RESULTS.md) (default: %(default)s)",
     )
 
     g = p.add_argument_group("multi-stage compression")
@@ -305,7 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of the agent, fine-tunes and dense training (default: %(default)s)",
+    )
     g.add_argument("--out", default=d.out, help="folder for run folders (default: %(default)s)")
     g.add_argument(
         "--resume",

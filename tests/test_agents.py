@@ -162,7 +162,12 @@ def test_crafted_pickle_policy_is_not_executed(tiny_layers, tmp_path):
 
 def test_policy_metadata_checks(tmp_path):
     layout = list(OBSERVATION_FEATURES)
-    meta = {"model": "resnet20", "decomposition": "tucker2", "observation_features": layout}
+    meta = {
+        "model": "resnet20",
+        "decomposition": "tucker2",
+        "action_space": "relative",
+        "observation_features": layout,
+    }
     assert check_policy_fits(meta, layout, "tucker2", "resnet20") is None
     warning = check_policy_fits(meta, layout, "tucker2", "resnet56")
     assert warning and "resnet20" in warning and "resnet56" in warning
@@ -170,6 +175,8 @@ def test_policy_metadata_checks(tmp_path):
         check_policy_fits({**meta, "observation_features": layout[:-1]}, layout, "tucker2", "resnet20")
     with pytest.raises(PolicyError, match="decomposition"):
         check_policy_fits(meta, layout, "svd", "resnet20")
+    with pytest.raises(PolicyError, match="--action-space relative"):
+        check_policy_fits(meta, layout, "tucker2", "resnet20", action_space="absolute")
     with pytest.raises(PolicyError, match="no saved policy"):
         read_policy_metadata(tmp_path)
     (tmp_path / "policy.json").write_text("{not json")

@@ -64,20 +64,48 @@ def test_registered_id(tiny_layers):
 
 def test_budget_holds_in_1000_random_episodes(tiny_layers):
     rng = np.random.default_rng(0)
-    for budget in (0.2, 0.5):
-        env = RankSearchEnv(tiny_layers, mean_ratio_evaluator, budget=budget)
+    for budget, mode in ((0.2, "relative"), (0.5, "relative"), (0.2, "absolute"), (0.5, "absolute")):
+        env = RankSearchEnv(tiny_layers, mean_ratio_evaluator, budget=budget, action_mode=mode)
         worst = 0.0
-        for _ in range(500):
+        for _ in range(250):
             _, info = play(env, lambda obs: rng.uniform(-1, 1, size=(1,)).astype(np.float32))
             worst = max(worst, info["flops_ratio"])
             assert info["flops_ratio"] <= budget + 1e-12
         assert worst > 0.8 * budget  # the wall caps, it does not starve
 
 
+def test_relative_action_zero_is_the_uniform_strategy(resnet20_layers):
+    env = RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.4)
+    _, info = play(env, lambda obs: np.zeros(1, np.float32))
+    ratios = np.array(list(info["ratios"].values()))[:-1]
+    # one ratio for every layer, up to what integer ranks leave over (the last, tiny linear layer
+    # takes the sliver of budget left: fill_budget)
+    assert ratios.max() - ratios.min() < 0.03
+    assert 0.39 < info["flops_ratio"] <= 0.4
+    # the first step's fair ratio is the uniform ratio meeting the budget
+    env.reset()
+    fair = env.fair_ratio(0, 0.0)
+    assert env.flops_ratio(env.plan([fair] * len(env.steps))) <= 0.4
+    assert env.flops_ratio(env.plan([fair + 0.01] * len(env.steps))) > 0.4 - 1e-3
+
+
+def test_relative_action_scales_the_fair_ratio(resnet20_layers):
+    env = RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.6, fill_budget=False)
+    obs, _ = env.reset()
+    fair = env.fair_ratio(0, 0.0)
+    assert obs[OBSERVATION_FEATURES.index("fair_ratio")] == pytest.approx(fair, abs=1e-6)
+    _, _, _, _, info = env.step(np.array([-1.0], np.float32))
+    assert info["wanted_ratio"] == pytest.approx(fair / 3)
+    with pytest.raises(ValueError, match="action mode"):
+        RankSearchEnv(resnet20_layers, mean_ratio_evaluator, action_mode="sideways")
+
+
 def test_fill_budget_spends_the_budget_in_every_episode(resnet20_layers):
     rng = np.random.default_rng(1)
     filled = RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.4)
-    single_wall = RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.4, fill_budget=False)
+    single_wall = RankSearchEnv(
+        resnet20_layers, mean_ratio_evaluator, budget=0.4, fill_budget=False, action_mode="absolute"
+    )
     used, unused = [], []
     for _ in range(100):
         used.append(
@@ -164,7 +192,7 @@ def test_action_mapping_round_trip():
 
 
 def test_previous_ratio_and_progress_features(tiny_layers):
-    env = RankSearchEnv(tiny_layers, mean_ratio_evaluator, budget=0.9)
+    env = RankSearchEnv(tiny_layers, mean_ratio_evaluator, budget=0.9, action_mode="absolute")
     obs, _ = env.reset()
     idx = {name: i for i, name in enumerate(OBSERVATION_FEATURES)}
     assert obs[idx["layer_index"]] == 0 and obs[idx["flops_removed"]] == 0

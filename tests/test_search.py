@@ -124,7 +124,28 @@ def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path, capsys):
 
 def test_data_aware_search(tmp_path, ddpg_run):
     args = [*FAST, "--agent", "uniform", "--data-aware", "--data-aware-batches", "2", "--final-epochs", "0"]
-    assert main([*args, "--checkpoint", str(ddpg_run / "dense.pt"), "--out", str(tmp_path), "--no-latency"]) == 0
+    assert (
+        main([*args, "--checkpoint", str(ddpg_run / "dense.pt"), "--out", str(tmp_path), "--no-latency"]) == 0
+    )
     (run,) = run_dirs(tmp_path)
     assert json.loads((run / "config.json").read_text())["data_aware"] is True
     assert json.loads((run / "report.json").read_text())["compressed"]["flops_ratio"] <= 0.5
+
+
+def test_split_seed_is_kept_apart_from_the_search_seed():
+    from rlrank.config import SearchConfig
+    from rlrank.pipeline import prepare
+
+    def val_images(**kwargs) -> torch.Tensor:
+        return prepare(SearchConfig(model="tiny", **kwargs)).data.val.images
+
+    same = val_images(seed=1)
+    assert torch.equal(same, val_images(seed=2))  # other search seeds, one validation set
+    assert not torch.equal(same, val_images(seed=1, split_seed=1))
+
+
+def test_relative_action_space_is_recorded_with_the_policy(ddpg_run):
+    meta = json.loads((ddpg_run / "stage-1" / "policy" / "policy.json").read_text())
+    assert meta["action_space"] == "relative"
+    config = json.loads((ddpg_run / "config.json").read_text())
+    assert config["action_space"] == "relative" and config["distill"] == 0.5
