@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime as dt
 import io
-import os
 import platform
 import pstats
-import shlex
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import recording
 import torch
 
 from rlrank.decompose import FactorCache, decompose_model, describe_layers, is_compressible, plan_layer
@@ -42,10 +40,6 @@ from rlrank.models import ModelSpec, build_model
 
 INPUT_SIZE = 32
 RATIO_RANGE = (0.1, 0.9)
-HEADER = (
-    "# rlrank — benchmark results\n\n"
-    "Every figure below comes from a run recorded with its command, date, device and wall time.\n"
-)
 
 
 @dataclass
@@ -126,23 +120,6 @@ def bench_model(name: str, decomposition: str, repeats: int, seed: int, profile:
     )
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def table(results: list[Result]) -> str:
     lines = [
         "| model | layers (compressible / all) | cold s | warm s | speed-up | cold runs s | warm runs s |",
@@ -160,11 +137,9 @@ def table(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     began = time.perf_counter()
-    load_before = load_average()
-    command = " ".join(
-        ["python", *map(shlex.quote, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])]
-    )
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load_before = recording.load_average()
+    command = recording.command_line(argv)
+    date = recording.utc_now()
     results = []
     for name in args.models:
         result = bench_model(name, args.decomposition, args.repeats, args.seed, args.profile)
@@ -182,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             f"## Factor cache: cold vs warm strategy application ({args.decomposition}) — {date}",
             "",
             f"- command: `{command}`",
-            f"- device: {cpu_model()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads",
+            f"- device: {recording.device_line()}",
             f"- torch {torch.__version__}, Python {platform.python_version()}",
-            f"- load average (1 / 5 / 15 min) before: {load_before}, after: {load_average()}",
+            f"- load average (1 / 5 / 15 min) before: {load_before}, after: {recording.load_average()}",
             f"- total wall time of the script: {wall:.1f} s",
             f"- models built for {INPUT_SIZE}x{INPUT_SIZE} inputs (ResNet-18 with its CIFAR stem), random "
             "initialization (weights do not change the timing); rank ratios uniform in "
@@ -201,13 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_append:
-        path = args.results
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.write_text(HEADER)
-        with path.open("a") as handle:  # append only: earlier sections stay as they were
-            handle.write("\n" + section)
-        print(f"appended to {path}")
+        recording.append_section(section, args.results)
+        print(f"appended to {args.results}")
     return 0
 
 
