@@ -389,6 +389,7 @@ def check_policy_fits(
     decomposition: str,
     model: str,
     action_space: str = "relative",
+    action_center: str = "uniform",
 ) -> str | None:
     """Check a saved policy against what it is applied to.
 
@@ -413,6 +414,12 @@ def check_policy_fits(
         raise PolicyError(
             f"policy was trained with --action-space {saved_actions}, not {action_space} "
             f"(pass --action-space {saved_actions})"
+        )
+    saved_center = meta.get("action_center", "uniform")
+    if saved_center != action_center:
+        raise PolicyError(
+            f"policy was trained with --action-center {saved_center}, not {action_center} "
+            f"(pass --action-center {saved_center})"
         )
     if meta.get("model") != model:
         return f"policy was trained on model {meta.get('model')!r}, applying it to {model!r} (same observation layout)"

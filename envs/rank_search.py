@@ -138,7 +138,8 @@ class RankSearchEnv(gym.Env):
     *fair ratio*, the one ratio that, given to this layer and every later one, spends exactly the
     budget left: ``ratio = fair * 3 ** action``, so action 0 everywhere is the uniform strategy and
     the agent learns how to deviate from it (a measured improvement over AMC's absolute mapping, see
-    ``experiments/RESULTS.md``). With ``action_mode="absolute"`` (AMC) the action maps linearly onto
+    ``experiments/RESULTS.md``); :meth:`set_center` centers the actions on another strategy (a
+    rule's) instead, scaled as a whole to the budget left. With ``action_mode="absolute"`` (AMC) the action maps linearly onto
     ``[min_ratio, upper]``; rule-based selectors play their ratios this way. The ratio is then
     clipped between two walls. The upper one is AMC's
     *action wall*: the largest ratio that keeps the budget reachable with every later layer at
@@ -248,7 +249,8 @@ class RankSearchEnv(gym.Env):
             plan_layer(layer, upper, self.decomposition, allow_dense).macs
             for layer, upper in zip(self.steps, self._upper, strict=True)
         ]
-        self._fair_grid, self._suffix_macs = self._tabulate_macs()
+        self._center: np.ndarray | None = None
+        self._fair_grid, self._grid_macs, self._suffix_macs = self._tabulate_macs()
         self.budgets = [float(b) for b in (budgets if budgets else [budget])]
         for b in self.budgets:
             self.check_budget(b)
@@ -312,8 +314,8 @@ class RankSearchEnv(gym.Env):
             layer, self.decomposition, needed, self._low[index], self._upper[index], self.allow_dense
         )
 
-    def _tabulate_macs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every step's MACs on a grid of ratios, summed over the step and all later ones.
+    def _tabulate_macs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ratio grid, every step's MACs on it, and those summed over the step and all later ones.
 
         Computed once per environment, so that :meth:`fair_ratio` costs one binary search.
         """
@@ -331,14 +333,44 @@ class RankSearchEnv(gym.Env):
             ]
             macs[i] = np.maximum.accumulate(row)  # monotone in the ratio, for the binary search
         suffix = np.cumsum(macs[::-1], axis=0)[::-1]
-        return grid, suffix
+        return grid, macs, suffix
+
+    def set_center(self, ratios: Sequence[float] | None) -> None:
+        """Center relative actions on a reference strategy instead of the uniform one.
+
+        Args:
+            ratios: One ratio per step (a rule's strategy, e.g. the energy rule's), or ``None``
+                for the uniform strategy. Action 0 at every step then plays this strategy,
+                rescaled as a whole to the budget left at each step.
+        """
+        if ratios is None:
+            self._center = None
+            return
+        center = np.asarray(ratios, dtype=np.float64)
+        if center.shape != (len(self.steps),) or not np.all(center > 0):
+            raise ValueError(f"the center needs one positive ratio per step ({len(self.steps)})")
+        self._center = center
 
     def fair_ratio(self, index: int, spent: float) -> float:
-        """The largest single ratio that, given to step ``index`` and every later step, keeps the
-        episode within its budget (the uniform strategy for what is left)."""
+        """The ratio of step ``index`` in the strategy that spends exactly the budget left: the
+        largest single ratio for this and every later step (uniform center), or, with a center
+        (:meth:`set_center`), the center's ratios scaled by the largest common factor."""
         allowed = self.budget * self.dense_macs - self.fixed_macs - spent
-        g = int(np.searchsorted(self._suffix_macs[index], allowed + 1e-6, side="right")) - 1
-        return float(self._fair_grid[max(g, 0)])
+        if self._center is None:
+            g = int(np.searchsorted(self._suffix_macs[index], allowed + 1e-6, side="right")) - 1
+            return float(self._fair_grid[max(g, 0)])
+        center = self._center[index:]
+        rows = np.arange(index, len(self.steps))
+
+        def macs(scale: float) -> float:
+            g = np.searchsorted(self._fair_grid, np.minimum(scale * center, 1.0), side="right") - 1
+            return float(self._grid_macs[rows, np.clip(g, 0, FAIR_GRID - 1)].sum())
+
+        lo, hi = 0.0, 1.0 / float(center.min())
+        for _ in range(30):  # bisection on the common scale
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if macs(mid) <= allowed + 1e-6 else (lo, mid)
+        return float(np.clip(lo * center[0], self._low[index], self._upper[index]))
 
     # ---------------------------------------------------------------- observations
 

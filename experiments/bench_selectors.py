@@ -7,6 +7,8 @@ same dense model with the same cheap-fine-tune reward, then gets the same final 
   (one reward evaluation);
 * ``random``: random search with DDPG's number of reward evaluations, over ``seeds``;
 * ``ddpg``: the agent (AMC settings), over ``seeds``;
+* ``ddpg-energy``, ``random-energy``: the same with ``--action-center energy`` (action 0 plays the
+  energy rule's strategy instead of the uniform one);
 * ablations on the uniform rule: ``+distill`` (knowledge distillation from the dense model in the
   final fine-tune) and ``+data-aware`` (output factors fitted to the layers' responses on
   training images), so that each gain is visible on its own.
@@ -100,7 +102,13 @@ SCALES = {
         seeds=[0, 1, 2],
     ),
 }
-METHODS = ("uniform", "energy", "vbmf", "random", "ddpg")
+METHODS = ("uniform", "energy", "vbmf", "random", "ddpg", "ddpg-energy", "random-energy")
+METHOD_ARGS = {
+    "ddpg-energy": ["--agent", "ddpg", "--action-center", "energy"],
+    "random-energy": ["--agent", "random", "--action-center", "energy"],
+}
+"""Methods that are an agent with options; any other method is ``--agent METHOD``."""
+SEARCHED = ("random", "ddpg", "ddpg-energy", "random-energy")
 ABLATION_ARGS = {"distill": ["--distill", "0.5"], "data-aware": ["--data-aware"]}
 
 
@@ -109,7 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="preset (default: %(default)s)")
     p.add_argument("--device", default="auto", help="device of every search (default: %(default)s)")
     p.add_argument("--out", type=Path, help="run folders (default: bench-runs/selectors-<scale>)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="(default: all)")
     p.add_argument("--budgets", type=float, nargs="+", help="override the preset's budgets")
     p.add_argument("--no-ablations", action="store_true", help="skip the distill / data-aware rows")
     p.add_argument("--no-append", action="store_true", help="print the tables instead of appending them")
@@ -126,15 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     base = [*scale.search_args(), "--device", args.device]
 
     rows = []
+    reused = 0  # runs already complete in --out, read instead of run again
     for budget in budgets:
         for method in args.methods:
-            seeds = scale.seeds if method in ("random", "ddpg") else [scale.seeds[0]]
+            seeds = scale.seeds if method in SEARCHED else [scale.seeds[0]]
+            agent = METHOD_ARGS.get(method, ["--agent", method])
             for seed in seeds:
                 name = f"flops{budget:g}-{method}-seed{seed}"
                 run = recording.run_search(
-                    name, [*base, "--flops", str(budget), "--agent", method, "--seed", str(seed)], out
+                    name, [*base, "--flops", str(budget), *agent, "--seed", str(seed)], out
                 )
                 rows.append(_row(run, budget, method, seed))
+                reused += run.reused
         if not args.no_ablations:
             for ablation in scale.ablations:
                 seed = scale.seeds[0]
@@ -146,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     out,
                 )
                 rows.append(_row(run, budget, f"uniform+{ablation}", seed))
+                reused += run.reused
     wall = time.perf_counter() - began
 
     frame = pd.DataFrame(rows)
@@ -161,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- command: `{recording.command_line(argv)}`",
             f"- device: {recording.device_line(str(dense['device']))} (runs report: {dense['device']})",
             f"- load average before: {load_before}, after: {recording.load_average()}",
-            f"- total wall time of the script: {wall / 60:.1f} min; per-run CSV: "
-            f"`experiments/results/{csv_path.name}`",
+            f"- total wall time of the script: {wall / 60:.1f} min ({len(rows) - reused} runs made, "
+            f"{reused} complete runs of an earlier invocation read from `{out}`; every run's own wall "
+            f"time is in the CSV); per-run CSV: `experiments/results/{csv_path.name}`",
             f"- dense {scale.model} (`../shared/models/cifar-resnet/{scale.checkpoint}`): test accuracy "
             f"{dense['dense_test']:.4f}, val {dense['dense_val']:.4f} (the dense model has seen the val images)",
             f"- every method: Tucker-2, reward = val accuracy on {scale.reward_val_images or 5000} of the 5,000 "

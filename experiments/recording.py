@@ -79,6 +79,7 @@ class SearchRun:
     run_dir: Path
     report: dict[str, Any]
     wall_s: float
+    reused: bool = False
 
     @property
     def config(self) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def run_search(name: str, args: list[str], out: Path, reuse: bool = True) -> Sea
         done = _complete_run(target)
         if done is not None:
             report = json.loads((done / "report.json").read_text())
-            return SearchRun(name, done, report, float(report.get("wall_seconds", float("nan"))))
+            return SearchRun(name, done, report, float(report.get("wall_seconds", float("nan"))), reused=True)
     target.mkdir(parents=True, exist_ok=True)
     log = out / f"{name}.log"
     command = [sys.executable, "-m", "rlrank.search", *args, "--out", str(target), "--quiet"]

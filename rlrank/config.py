@@ -39,6 +39,7 @@ class SearchConfig:
     min_ratio: float = 0.05
     fill_budget: bool = True
     action_space: str = "relative"
+    action_center: str = "uniform"
     # search
     agent: str = "ddpg"
     episodes: int = 100

@@ -113,6 +113,8 @@ def validate(config: SearchConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if config.episodes == 0 and config.agent in ("ddpg", "random") and not config.policy:
         raise ConfigError("--episodes 0 needs --policy (to roll out a saved policy) or a rule-based agent")
+    if config.action_center != "uniform" and config.action_space != "relative":
+        raise ConfigError("--action-center needs --action-space relative")
     if config.stages < 1:
         raise ConfigError(f"--stages must be >= 1, got {config.stages}")
     if config.checkpoint_every < 1:
@@ -193,7 +195,12 @@ def prepare(config: SearchConfig) -> Setup:
     if config.policy:
         meta = read_policy_metadata(config.policy)
         warning = check_policy_fits(
-            meta, OBSERVATION_FEATURES, config.decomposition, config.model, config.action_space
+            meta,
+            OBSERVATION_FEATURES,
+            config.decomposition,
+            config.model,
+            config.action_space,
+            config.action_center,
         )
         if warning:
             logger.warning(warning)
@@ -424,6 +431,8 @@ def _run_stage(
         fill_budget=config.fill_budget,
         action_mode=config.action_space,
     )
+    if config.action_center != "uniform" and config.agent in ("ddpg", "random"):
+        env.set_center(rule_ratios(config.action_center, env, cache, config.min_ratio)[0])
     agent = _make_agent(config, env, cache, k)
     if isinstance(agent, FixedStrategyAgent):
         # a rule's strategy is played as its knob made it: absolute ratios, not topped up
@@ -501,19 +510,34 @@ def _make_agent(config: SearchConfig, env: RankSearchEnv, cache: FactorCache, k:
     if config.agent == "random":
         return RandomAgent(seed=seed)
 
-    # rule-based selectors turn one knob until the strategy meets the budget
+    ratios, knob = rule_ratios(config.agent, env, cache, config.min_ratio)
+    actions = [ratio_to_action(r, *env.ratio_bounds(i)) for i, r in enumerate(ratios)]
+    return FixedStrategyAgent(config.agent, actions, knob)
+
+
+def rule_ratios(
+    rule: str, env: RankSearchEnv, cache: FactorCache, min_ratio: float
+) -> tuple[np.ndarray, float]:
+    """A rule's per-step ratios at the env's budget: its one knob turned until the budget is met.
+
+    Args:
+        rule: ``uniform``, ``energy`` or ``vbmf``.
+
+    Returns:
+        The ratios and the knob's value.
+    """
+
     def cost(ratios: np.ndarray) -> float:
         return env.flops_ratio(env.plan(ratios))
 
-    if config.agent == "uniform":
-        ratios, knob = uniform_ratios(len(env.steps), cost, env.budget, config.min_ratio)
+    if rule == "uniform":
+        ratios, knob = uniform_ratios(len(env.steps), cost, env.budget, min_ratio)
     else:
         spectra = [[(s.values, s.shape) for s in cache.spectra(layer.name)] for layer in env.steps]
-        select = energy_ratios if config.agent == "energy" else vbmf_ratios
+        select = energy_ratios if rule == "energy" else vbmf_ratios
         ratios, knob = select(spectra, cost, env.budget)
-    actions = [ratio_to_action(r, *env.ratio_bounds(i)) for i, r in enumerate(ratios)]
-    logger.info("%s selector: knob %.4f keeps %.4f of the FLOPs", config.agent, knob, cost(ratios))
-    return FixedStrategyAgent(config.agent, actions, knob)
+    logger.info("%s selector: knob %.4f keeps %.4f of the FLOPs", rule, knob, cost(ratios))
+    return ratios, knob
 
 
 class _GreedyAgent(Agent):
@@ -690,6 +714,7 @@ def _policy_metadata(config: SearchConfig, env: RankSearchEnv, episodes: int) ->
         "dataset": config.dataset,
         "decomposition": config.decomposition,
         "action_space": config.action_space,
+        "action_center": config.action_center,
         "observation_features": list(OBSERVATION_FEATURES),
         "layers": [layer.name for layer in env.steps],
         "budgets": config.train_budgets or [env.budget],

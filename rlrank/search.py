@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(0 = uniform); absolute: AMC's linear map onto [min-ratio, 1] (default: %(default)s)",
     )
     g.add_argument(
+        "--action-center",
+        choices=("uniform", "energy", "vbmf"),
+        default=d.action_center,
+        help="with --action-space relative: the strategy that action 0 plays, the uniform one or a "
+        "rule's, rescaled to the budget left at each step (default: %(default)s)",
+    )
+    g.add_argument(
         "--min-ratio",
         type=_fraction,
         default=d.min_ratio,

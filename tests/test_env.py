@@ -89,6 +89,30 @@ def test_relative_action_zero_is_the_uniform_strategy(resnet20_layers):
     assert env.flops_ratio(env.plan([fair + 0.01] * len(env.steps))) > 0.4 - 1e-3
 
 
+def test_centered_actions_play_the_center_rescaled_to_the_budget(resnet20_layers):
+    env = RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.4, fill_budget=False)
+    rng = np.random.default_rng(3)
+    center = rng.uniform(0.2, 0.9, size=len(env.steps))
+    env.set_center(center)
+    _, info = play(env, lambda obs: np.zeros(1, np.float32))
+    ratios = np.array(list(info["ratios"].values()))[:-1]  # the tiny linear layer costs the same dense
+    center = center[:-1]
+    assert 0.38 < info["flops_ratio"] <= 0.4
+    # the strategy has the center's shape: one common scale, up to integer ranks
+    scale = ratios / center
+    assert np.median(np.abs(scale - np.median(scale))) < 0.05 * np.median(scale)
+    assert np.corrcoef(ratios, center)[0, 1] > 0.95
+    for _ in range(50):  # and the budget still holds for any actions
+        _, info = play(env, lambda obs: rng.uniform(-1, 1, size=(1,)).astype(np.float32))
+        assert info["flops_ratio"] <= 0.4
+    with pytest.raises(ValueError, match="one positive ratio per step"):
+        env.set_center(center)
+    env.set_center(None)
+    assert env.fair_ratio(0, 0.0) == pytest.approx(
+        RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.4).fair_ratio(0, 0.0)
+    )
+
+
 def test_relative_action_scales_the_fair_ratio(resnet20_layers):
     env = RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.6, fill_budget=False)
     obs, _ = env.reset()

@@ -149,3 +149,18 @@ def test_relative_action_space_is_recorded_with_the_policy(ddpg_run):
     assert meta["action_space"] == "relative"
     config = json.loads((ddpg_run / "config.json").read_text())
     assert config["action_space"] == "relative" and config["distill"] == 0.5
+
+
+def test_action_center_on_a_rule(tmp_path, capsys):
+    assert main([*FAST, "--episodes", "3", "--action-center", "energy", "--out", str(tmp_path)]) == 0
+    (run,) = run_dirs(tmp_path)
+    report = json.loads((run / "report.json").read_text())
+    assert report["compressed"]["flops_ratio"] <= 0.5
+    meta = json.loads((run / "stage-1" / "policy" / "policy.json").read_text())
+    assert meta["action_center"] == "energy"
+    # a rule's center needs the relative action space
+    code = main(
+        [*FAST, "--action-center", "energy", "--action-space", "absolute", "--out", str(tmp_path / "x")]
+    )
+    assert code == 2 and "--action-center needs --action-space relative" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
