@@ -103,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.mean(r.wall_s for r in agent_runs):.0f} |"
         )
     section = "\n".join(lines) + "\n"
-    if args.no_append:
-        print(section)
-    else:
-        recording.append_section(section)
-        print(section)
+    recording.publish(section, append=not args.no_append)
     return 0
 
 

@@ -39,7 +39,6 @@ from pathlib import Path
 import pandas as pd
 import recording
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 CSV_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -61,18 +60,10 @@ class Scale:
 
     def search_args(self) -> list[str]:
         return [
-            "--model", self.model,
-            "--dataset", "imagefolder",
-            "--data-dir", str(SHARED / "data" / "cifar10-jpeg.tar.gz"),
-            "--checkpoint", str(SHARED / "models" / "cifar-resnet" / self.checkpoint),
+            *recording.cifar_search_args(self.model, self.finetune_steps, self.reward_val_images, self.batch_size),
             "--episodes", str(self.episodes),
             "--warmup", str(self.warmup),
-            "--finetune-steps", str(self.finetune_steps),
-            "--reward-val-images", str(self.reward_val_images),
             "--final-epochs", str(self.final_epochs),
-            "--batch-size", str(self.batch_size),
-            "--finetune-batch-size", str(self.batch_size),
-            "--distill", "0",  # off for every row but the +distill ablation
         ]  # fmt: skip
 
 
@@ -195,11 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    if args.no_append:
-        print(section)
-    else:
-        recording.append_section(section)
-        print(section)
+    recording.publish(section, append=not args.no_append)
     return 0
 
 

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import recording
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,16 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     date, load_before = recording.utc_now(), recording.load_average()
     base = [
-        "--model", args.model,
-        "--dataset", "imagefolder",
-        "--data-dir", str(SHARED / "data" / "cifar10-jpeg.tar.gz"),
-        "--checkpoint", str(SHARED / "models" / "cifar-resnet" / f"{args.model}-jpeg.pt"),
-        "--flops", str(args.flops),
-        "--finetune-steps", str(args.finetune_steps),
-        "--reward-val-images", str(args.reward_val_images),
-        "--batch-size", "128",
-        "--finetune-batch-size", "128",
-        "--distill", "0",  # as recorded in RESULTS.md (the default was 0 then)
+        *recording.cifar_search_args(args.model, args.finetune_steps, args.reward_val_images),
         "--seed", str(args.seed),
         "--device", args.device,
     ]  # fmt: skip
@@ -113,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{c['flops_ratio']:.3f} | {run.report['reward_evaluations']} | {run.wall_s:.0f} |"
         )
     section = "\n".join(lines) + "\n"
-    if not args.no_append:
-        recording.append_section(section)
-    print(section)
+    recording.publish(section, append=not args.no_append)
     return 0
 
 

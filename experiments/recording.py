@@ -21,6 +21,8 @@ from typing import Any
 import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+"""``../shared`` seen from the repository root: real CIFAR-10 and the pretrained CIFAR ResNets."""
 HEADER = (
     "# rlrank — benchmark results\n\n"
     "Every figure below comes from a run recorded with its command, date, device and wall time.\n"
@@ -69,6 +71,38 @@ def append_section(text: str, results: Path = RESULTS) -> None:
     """Append a Markdown section to RESULTS.md (created with its header when missing)."""
     existing = results.read_text() if results.is_file() else HEADER
     results.write_text(existing.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
+
+
+def publish(section: str, append: bool) -> None:
+    """Print a benchmark's Markdown section and, with ``append``, add it to RESULTS.md."""
+    if append:
+        append_section(section)
+    print(section)
+
+
+def cifar_search_args(
+    model: str,
+    finetune_steps: int,
+    reward_val_images: int,
+    batch_size: int = 128,
+    distill: float = 0.0,
+) -> list[str]:
+    """``rlrank.search`` options for a pretrained CIFAR ResNet on ``../shared`` CIFAR-10 (JPEG).
+
+    The dense weights are the ``<model>-jpeg.pt`` checkpoints adapted to this data; distillation is
+    off unless asked for, as in every CIFAR-10 figure recorded in RESULTS.md.
+    """
+    return [
+        "--model", model,
+        "--dataset", "imagefolder",
+        "--data-dir", str(SHARED / "data" / "cifar10-jpeg.tar.gz"),
+        "--checkpoint", str(SHARED / "models" / "cifar-resnet" / f"{model}-jpeg.pt"),
+        "--finetune-steps", str(finetune_steps),
+        "--reward-val-images", str(reward_val_images),
+        "--batch-size", str(batch_size),
+        "--finetune-batch-size", str(batch_size),
+        "--distill", str(distill),
+    ]  # fmt: skip
 
 
 @dataclass
