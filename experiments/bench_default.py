@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import recording
@@ -45,8 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    began = time.perf_counter()
-    date, load_before = recording.utc_now(), recording.load_average()
+    session = recording.Session(argv)
     common = ["--model", "resnet18", "--flops", "0.5"]
 
     main_job = recording.run_search("main-job", common, args.out)
@@ -66,16 +64,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             for s in seeds
         ]
-    wall = time.perf_counter() - began
 
     dense_report = main_job.report["dense"]
     lines = [
-        f"## Embedded default: DDPG vs baselines (resnet18, digits, --flops 0.5) — {date}",
-        "",
-        f"- command: `{recording.command_line(argv)}`",
-        f"- device: {recording.device_line()}",
-        f"- load average before: {load_before}, after: {recording.load_average()}",
-        f"- total wall time of the script: {wall / 60:.1f} min",
+        *session.header(
+            "Embedded default: DDPG vs baselines (resnet18, digits, --flops 0.5)",
+            "cpu",
+            main_job.report["device"],
+        ),
         f"- README main job (`python -m rlrank.search --model resnet18 --flops 0.5`, dense training "
         f"included): **{main_job.wall_s / 60:.1f} min** wall, dense test accuracy "
         f"{dense_report['test_accuracy']:.2%} -> compressed "

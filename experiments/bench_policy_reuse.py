@@ -19,8 +19,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
 import recording
 
@@ -35,19 +33,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--episodes", type=int, default=40, help="episodes of a fresh search (default: %(default)s)"
     )
     p.add_argument("--final-epochs", type=float, default=1.0, help="(default: %(default)s)")
-    p.add_argument("--finetune-steps", type=int, default=10, help="(default: %(default)s)")
-    p.add_argument("--reward-val-images", type=int, default=1000, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, default=Path("bench-runs/policy-reuse"))
-    p.add_argument("--no-append", action="store_true")
+    recording.add_cifar_options(p, out="bench-runs/policy-reuse")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    began = time.perf_counter()
-    date, load_before = recording.utc_now(), recording.load_average()
+    session = recording.Session(argv)
     base = [
         *recording.cifar_search_args(args.model, args.finetune_steps, args.reward_val_images),
         "--seed", str(args.seed),
@@ -74,16 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         for variant, extra in variants.items():
             run = recording.run_search(f"flops{target:g}-{variant}", [*common, *extra], args.out)
             rows.append((target, variant, run))
-    wall = time.perf_counter() - began
 
     dense = trained.report["dense"]
     lines = [
-        f"## Policy reuse across budgets ({args.model}, CIFAR-10) — {date}",
-        "",
-        f"- command: `{recording.command_line(argv)}`",
-        f"- device: {recording.device_line(args.device)} (runs report: {trained.report['device']})",
-        f"- load average before: {load_before}, after: {recording.load_average()}",
-        f"- total wall time of the script: {wall / 60:.1f} min",
+        *session.header(
+            f"Policy reuse across budgets ({args.model}, CIFAR-10)", args.device, trained.report["device"]
+        ),
         f"- policy: DDPG trained for {args.train_episodes} episodes cycling budgets {args.train_budgets} "
         f"(search {trained.report['search_seconds']:.0f} s); every row: Tucker-2, reward = val accuracy on "
         f"{args.reward_val_images} held-out images after {args.finetune_steps} SGD steps, final fine-tune "

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES[args.scale]
     budgets = args.budgets or scale.budgets
     out = args.out or Path(f"bench-runs/selectors-{args.scale}")
-    began = time.perf_counter()
-    date, load_before = recording.utc_now(), recording.load_average()
+    session = recording.Session(argv)
     base = [*scale.search_args(), "--device", args.device]
 
     rows = []
@@ -149,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rows.append(_row(run, budget, f"uniform+{ablation}", seed))
                 reused += run.reused
-    wall = time.perf_counter() - began
 
     frame = pd.DataFrame(rows)
     CSV_DIR.mkdir(exist_ok=True)
@@ -159,14 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     dense = frame.iloc[0]
     section = "\n".join(
         [
-            f"## Rank selectors on CIFAR-10 ({scale.model}, scale {args.scale}) — {date}",
-            "",
-            f"- command: `{recording.command_line(argv)}`",
-            f"- device: {recording.device_line(str(dense['device']))} (runs report: {dense['device']})",
-            f"- load average before: {load_before}, after: {recording.load_average()}",
-            f"- total wall time of the script: {wall / 60:.1f} min ({len(rows) - reused} runs made, "
-            f"{reused} complete runs of an earlier invocation read from `{out}`; every run's own wall "
-            f"time is in the CSV); per-run CSV: `experiments/results/{csv_path.name}`",
+            *session.header(
+                f"Rank selectors on CIFAR-10 ({scale.model}, scale {args.scale})",
+                str(dense["device"]),
+                str(dense["device"]),
+            ),
+            f"- runs: {len(rows) - reused} made, {reused} complete runs of an earlier invocation read "
+            f"from `{out}` (every run's own wall time is in the CSV); per-run CSV: "
+            f"`experiments/results/{csv_path.name}`",
             f"- dense {scale.model} (`../shared/models/cifar-resnet/{scale.checkpoint}`): test accuracy "
             f"{dense['dense_test']:.4f}, val {dense['dense_val']:.4f} (the dense model has seen the val images)",
             f"- every method: Tucker-2, reward = val accuracy on {scale.reward_val_images or 5000} of the 5,000 "

@@ -15,8 +15,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
 import recording
 
@@ -32,19 +30,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--episodes", type=int, default=36, help="reward evaluations in all (default: %(default)s)"
     )
     p.add_argument("--epochs", type=float, default=1.5, help="fine-tune epochs in all (default: %(default)s)")
-    p.add_argument("--finetune-steps", type=int, default=10, help="(default: %(default)s)")
-    p.add_argument("--reward-val-images", type=int, default=1000, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, default=Path("bench-runs/stages"))
-    p.add_argument("--no-append", action="store_true")
+    recording.add_cifar_options(p, out="bench-runs/stages")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    began = time.perf_counter()
-    date, load_before = recording.utc_now(), recording.load_average()
+    session = recording.Session(argv)
     base = [
         *recording.cifar_search_args(args.model, args.finetune_steps, args.reward_val_images),
         "--seed", str(args.seed),
@@ -63,16 +55,14 @@ def main(argv: list[str] | None = None) -> int:
          "--stage-epochs", str(args.epochs / args.stages), "--final-epochs", str(args.epochs / args.stages)],
         args.out,
     )  # fmt: skip
-    wall = time.perf_counter() - began
 
     dense = single.report["dense"]
     lines = [
-        f"## Multi-stage vs one stage ({args.model}, CIFAR-10, --flops {args.flops:g}) — {date}",
-        "",
-        f"- command: `{recording.command_line(argv)}`",
-        f"- device: {recording.device_line(args.device)} (runs report: {single.report['device']})",
-        f"- load average before: {load_before}, after: {recording.load_average()}",
-        f"- total wall time of the script: {wall / 60:.1f} min",
+        *session.header(
+            f"Multi-stage vs one stage ({args.model}, CIFAR-10, --flops {args.flops:g})",
+            args.device,
+            single.report["device"],
+        ),
         f"- both: DDPG, Tucker-2, reward = val accuracy on {args.reward_val_images} held-out images after "
         f"{args.finetune_steps} SGD steps; {args.episodes} reward evaluations and {args.epochs:g} fine-tune "
         f"epochs in all (multi-stage: {per_stage} episodes and {args.epochs / args.stages:g} epochs per stage, "

@@ -6,6 +6,7 @@ method starts from the same fresh process state, and read its ``report.json`` an
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -103,6 +104,39 @@ def cifar_search_args(
         "--finetune-batch-size", str(batch_size),
         "--distill", str(distill),
     ]  # fmt: skip
+
+
+class Session:
+    """One benchmark invocation: when it began and the machine's load then, for its section header."""
+
+    def __init__(self, argv: list[str] | None) -> None:
+        self.argv = argv
+        self.date = utc_now()
+        self.load_before = load_average()
+        self.began = time.perf_counter()
+
+    def header(self, title: str, device: str = "cpu", runs_device: str | None = None) -> list[str]:
+        """A section's title and its command / device / load / wall-time lines (ends the clock)."""
+        wall = time.perf_counter() - self.began
+        reported = f" (runs report: {runs_device})" if runs_device else ""
+        return [
+            f"## {title} — {self.date}",
+            "",
+            f"- command: `{command_line(self.argv)}`",
+            f"- device: {device_line(device)}{reported}",
+            f"- load average before: {self.load_before}, after: {load_average()}",
+            f"- total wall time of the script: {wall / 60:.1f} min",
+        ]
+
+
+def add_cifar_options(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options every CIFAR-10 benchmark shares: reward settings, seed, device, output."""
+    parser.add_argument("--finetune-steps", type=int, default=10, help="(default: %(default)s)")
+    parser.add_argument("--reward-val-images", type=int, default=1000, help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="(default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path(out), help="run folders (default: %(default)s)")
+    parser.add_argument("--no-append", action="store_true", help="print the section, do not append it")
 
 
 @dataclass
