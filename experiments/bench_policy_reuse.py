@@ -25,7 +25,6 @@ import recording
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet20", help="(default: %(default)s)")
     p.add_argument("--train-budgets", default="0.3,0.5,0.7", help="(default: %(default)s)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.4, 0.6], help="(default: %(default)s)")
     p.add_argument("--train-episodes", type=int, default=60, help="episodes of the multi-budget training")
@@ -40,11 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     session = recording.Session(argv)
-    base = [
-        *recording.cifar_search_args(args.model, args.finetune_steps, args.reward_val_images),
-        "--seed", str(args.seed),
-        "--device", args.device,
-    ]  # fmt: skip
+    base = recording.cifar_run_args(args)
     budgets = [float(b) for b in args.train_budgets.split(",")]
     trained = recording.run_search(
         "train",

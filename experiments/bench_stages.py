@@ -21,7 +21,6 @@ import recording
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet20", help="(default: %(default)s)")
     p.add_argument("--flops", type=float, default=0.3, help="final budget (default: %(default)s)")
     p.add_argument(
         "--stages", type=int, default=3, help="stages of the multi-stage run (default: %(default)s)"
@@ -37,11 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     session = recording.Session(argv)
-    base = [
-        *recording.cifar_search_args(args.model, args.finetune_steps, args.reward_val_images),
-        "--seed", str(args.seed),
-        "--device", args.device,
-    ]  # fmt: skip
+    base = recording.cifar_run_args(args)
     per_stage = args.episodes // args.stages
     single = recording.run_search(
         "stages1",

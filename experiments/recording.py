@@ -130,13 +130,23 @@ class Session:
 
 
 def add_cifar_options(parser: argparse.ArgumentParser, out: str) -> None:
-    """The options every CIFAR-10 benchmark shares: reward settings, seed, device, output."""
+    """The options every CIFAR-10 benchmark shares: model, reward settings, seed, device, output."""
+    parser.add_argument("--model", default="resnet20", help="(default: %(default)s)")
     parser.add_argument("--finetune-steps", type=int, default=10, help="(default: %(default)s)")
     parser.add_argument("--reward-val-images", type=int, default=1000, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="(default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path(out), help="run folders (default: %(default)s)")
     parser.add_argument("--no-append", action="store_true", help="print the section, do not append it")
+
+
+def cifar_run_args(args: argparse.Namespace) -> list[str]:
+    """``rlrank.search`` options from what :func:`add_cifar_options` parsed."""
+    return [
+        *cifar_search_args(args.model, args.finetune_steps, args.reward_val_images),
+        "--seed", str(args.seed),
+        "--device", args.device,
+    ]  # fmt: skip
 
 
 @dataclass
