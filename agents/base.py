@@ -35,10 +35,12 @@ class Agent(ABC):
         name: The ``--agent`` name.
         episodes_needed: Episodes the agent needs (``None``: as many as the search gives it; 1 for a
             fixed strategy, which gains nothing from re-evaluating itself).
+        start_at_center: Whether episode 0 plays action 0 at every step (the center strategy).
     """
 
     name: str = ""
     episodes_needed: int | None = None
+    start_at_center: bool = False
 
     def begin_episode(self, episode: int) -> None:  # noqa: B027 - optional hook
         """Called before the first ``act`` of every episode."""
@@ -60,15 +62,33 @@ class Agent(ABC):
 
 
 class RandomAgent(Agent):
-    """Random search: every action uniform in [-1, 1] (the env's action wall keeps the budget)."""
+    """Random search: every action uniform in ``[-spread, spread]`` (the env's action wall keeps the
+    budget).
+
+    Args:
+        seed: Seed of the actions.
+        spread: Half-width of the action range, in (0, 1].
+        start_at_center: Play action 0 at every step of episode 0 (with relative actions: the
+            center strategy), so the search never ends below it.
+    """
 
     name = "random"
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, spread: float = 1.0, start_at_center: bool = False) -> None:
+        if not 0 < spread <= 1:
+            raise ValueError(f"spread must be in (0, 1], got {spread}")
         self.rng = np.random.default_rng(seed)
+        self.spread = spread
+        self.start_at_center = start_at_center
+        self.episode = 0
+
+    def begin_episode(self, episode: int) -> None:
+        self.episode = episode
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        return self.rng.uniform(-1.0, 1.0, size=(1,)).astype(np.float32)
+        if self.start_at_center and self.episode == 0:
+            return np.zeros(1, dtype=np.float32)
+        return self.rng.uniform(-self.spread, self.spread, size=(1,)).astype(np.float32)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state}

@@ -62,6 +62,10 @@ class DDPGConfig:
         batch_size: Transitions per update (AMC: 64).
         buffer_size: Replay capacity in transitions.
         warmup: Episodes of uniformly random actions before learning (AMC: 100).
+        spread: Warm-up actions are uniform in ``[-spread, spread]`` (AMC: the whole range, 1).
+        start_at_center: Play action 0 at every step of episode 0: with relative actions that is the
+            center strategy (uniform or a rule's), so the search never ends below it and the
+            replay buffer holds it from the start (AMC: no).
         noise_init: Initial std of the truncated-normal exploration noise, in units of AMC's [0, 1]
             action range (AMC: 0.5); rlrank's actions span [-1, 1], so the std applied is twice this.
         noise_decay: Per-episode decay of the noise std after warm-up (AMC: 0.95).
@@ -78,6 +82,8 @@ class DDPGConfig:
     batch_size: int = 64
     buffer_size: int = 100_000
     warmup: int = 100
+    spread: float = 1.0
+    start_at_center: bool = False
     noise_init: float = 0.5
     noise_decay: float = 0.95
     gamma: float = 1.0
@@ -88,6 +94,8 @@ class DDPGConfig:
     def __post_init__(self) -> None:
         if self.credit not in CREDITS:
             raise ValueError(f"unknown credit {self.credit!r}; known: {', '.join(CREDITS)}")
+        if not 0 < self.spread <= 1:
+            raise ValueError(f"spread must be in (0, 1], got {self.spread}")
         self.hidden = tuple(int(h) for h in self.hidden)
 
     @classmethod
@@ -200,6 +208,10 @@ class DDPGAgent(Agent):
         self.baseline: float | None = None
 
     @property
+    def start_at_center(self) -> bool:  # type: ignore[override]
+        return self.config.start_at_center
+
+    @property
     def buffer(self) -> BaselineReplayBuffer:
         return self.model.replay_buffer  # type: ignore[return-value]
 
@@ -219,8 +231,10 @@ class DDPGAgent(Agent):
         return float(np.asarray(action).reshape(-1)[0])
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        if self.episode < self.config.warmup:
-            action = self.rng.uniform(-1.0, 1.0)
+        if self.config.start_at_center and self.episode == 0:
+            action = 0.0
+        elif self.episode < self.config.warmup:
+            action = self.rng.uniform(-self.config.spread, self.config.spread)
         else:
             action = truncated_normal(self.rng, self.policy_action(obs), self.noise_std(), -1.0, 1.0)
         return np.array([action], dtype=np.float32)

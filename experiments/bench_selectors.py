@@ -31,6 +31,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="(default: all)")
     p.add_argument("--budgets", type=float, nargs="+", help="override the preset's budgets")
     p.add_argument("--no-ablations", action="store_true", help="skip the distill / data-aware rows")
+    p.add_argument(
+        "--search-args",
+        default="",
+        help="extra rlrank.search options for the searched methods (random, ddpg ...), e.g. "
+        "'--spread 0.5 --noise 0.25'",
+    )
+    p.add_argument(
+        "--tag", default="", help="suffix of the CSV name and run folder (selectors-<scale>-<tag>)"
+    )
     p.add_argument("--no-append", action="store_true", help="print the tables instead of appending them")
     return p.parse_args(argv)
 
@@ -118,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scale = SCALES[args.scale]
     budgets = args.budgets or scale.budgets
-    out = args.out or Path(f"bench-runs/selectors-{args.scale}")
+    label = f"{args.scale}-{args.tag}" if args.tag else args.scale
+    out = args.out or Path(f"bench-runs/selectors-{label}")
+    search_extra = shlex.split(args.search_args)
     session = recording.Session(argv)
     base = [*scale.search_args(), "--device", args.device]
 
@@ -128,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             seeds = scale.seeds if method in SEARCHED else [scale.seeds[0]]
             agent = METHOD_ARGS.get(method, ["--agent", method])
+            if method in SEARCHED:
+                agent = [*agent, *search_extra]
             for seed in seeds:
                 name = f"flops{budget:g}-{method}-seed{seed}"
                 run = recording.run_search(
@@ -150,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     frame = pd.DataFrame(rows)
     CSV_DIR.mkdir(exist_ok=True)
-    csv_path = CSV_DIR / f"selectors-{args.scale}.csv"
+    csv_path = CSV_DIR / f"selectors-{label}.csv"
     frame.to_csv(csv_path, index=False)
 
     dense = frame.iloc[0]
@@ -170,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             f"held-out images after BN re-estimation + {scale.finetune_steps} SGD steps (batch "
             f"{scale.batch_size}, common batches); DDPG {scale.episodes} episodes ({scale.warmup} warm-up), "
             f"random search {scale.episodes}; final fine-tune {scale.final_epochs:g} epoch(s), one-cycle, "
-            f"lr 0.01; DDPG and random rows: mean ± std over seeds {scale.seeds}",
+            f"lr 0.01; DDPG and random rows: mean ± std over seeds {scale.seeds}"
+            + (f"; searched methods also got `{args.search_args}`" if args.search_args else ""),
             "",
             results_table(frame),
             "",

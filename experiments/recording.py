@@ -137,6 +137,11 @@ def add_cifar_options(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="(default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path(out), help="run folders (default: %(default)s)")
+    parser.add_argument(
+        "--search-args",
+        default="",
+        help="extra rlrank.search options for every run, e.g. '--action-center energy'",
+    )
     parser.add_argument("--no-append", action="store_true", help="print the section, do not append it")
 
 
@@ -146,6 +151,7 @@ def cifar_run_args(args: argparse.Namespace) -> list[str]:
         *cifar_search_args(args.model, args.finetune_steps, args.reward_val_images),
         "--seed", str(args.seed),
         "--device", args.device,
+        *shlex.split(args.search_args),
     ]  # fmt: skip
 
 

@@ -44,6 +44,8 @@ class SearchConfig:
     agent: str = "ddpg"
     episodes: int = 100
     warmup: int = 25
+    spread: float = 1.0
+    start_at_center: bool = True
     noise: float = 0.5
     noise_decay: float = 0.95
     credit: str = "copy"

@@ -492,9 +492,12 @@ def _run_stage(
 def _make_agent(config: SearchConfig, env: RankSearchEnv, cache: FactorCache, k: int) -> Agent:
     """The ``--agent``: DDPG (new or from ``--policy``), random search, or a rule-based selector."""
     seed = config.seed + 1000 * (k - 1)
+    center_first = config.start_at_center and config.action_space == "relative"
     if config.agent == "ddpg":
         ddpg = DDPGConfig(
             warmup=config.warmup,
+            spread=config.spread,
+            start_at_center=center_first,
             noise_init=config.noise,
             noise_decay=config.noise_decay,
             credit=config.credit,
@@ -502,13 +505,16 @@ def _make_agent(config: SearchConfig, env: RankSearchEnv, cache: FactorCache, k:
         if config.policy:
             # continuing a trained policy: no warm-up, gentle exploration around it
             saved = DDPGConfig.from_dict(read_policy_metadata(config.policy)["ddpg"])
-            ddpg = DDPGConfig.from_dict({**vars(saved), "warmup": 0, "noise_init": min(config.noise, 0.1)})
+            # (the roll-out of the saved policy is the first episode, see _search)
+            ddpg = DDPGConfig.from_dict(
+                {**vars(saved), "warmup": 0, "start_at_center": False, "noise_init": min(config.noise, 0.1)}
+            )
             agent, _ = load_policy(config.policy, env.observation_space, env.action_space, config=ddpg)
             agent.episode = 0
             return agent
         return DDPGAgent(env.observation_space, env.action_space, ddpg, seed=seed)
     if config.agent == "random":
-        return RandomAgent(seed=seed)
+        return RandomAgent(seed=seed, spread=config.spread, start_at_center=center_first)
 
     ratios, knob = rule_ratios(config.agent, env, cache, config.min_ratio)
     actions = [ratio_to_action(r, *env.ratio_bounds(i)) for i, r in enumerate(ratios)]
@@ -573,7 +579,9 @@ def _search(
     log_path = stage_dir / EPISODES_FILE
     total = agent.episodes_needed or config.episodes
     # a policy trained over several budgets, or continued from a saved one, is also rolled out once
-    # deterministically at the stage's budget (one more reward evaluation, logged as phase "policy")
+    # deterministically at the stage's budget (one more reward evaluation, logged as phase "policy"):
+    # a saved policy first, so that continuing it never ends below its zero-shot strategy; a policy
+    # trained here last, once it has learned
     rollout = isinstance(agent, DDPGAgent) and bool(config.train_budgets or config.policy)
     state = _restore_checkpoint(stage_dir, agent)
     done = state["episodes_done"]
@@ -583,12 +591,13 @@ def _search(
     successes = sum(1 for r in rows if not r.get("failed"))
     seconds = state.get("seconds", 0.0)
     n_episodes = total + (1 if rollout else 0)
+    rollout_episode = (0 if config.policy else n_episodes - 1) if rollout else -1
     if done:
         logger.info("resuming stage %d after %d completed episodes", k, done)
 
     bar = tqdm(total=n_episodes, initial=done, desc=f"stage {k} episodes", unit="ep", disable=not progress)
     for episode in range(done, n_episodes):
-        greedy = rollout and episode == n_episodes - 1
+        greedy = episode == rollout_episode
         player = _GreedyAgent(agent) if greedy else agent  # type: ignore[arg-type]
         episode_budget = budget if (greedy or not config.train_budgets) else None
         start = time.perf_counter()
@@ -630,6 +639,8 @@ def _search(
 
 
 def _phase(agent: Agent, episode: int) -> str:
+    if episode == 0 and agent.start_at_center:
+        return "center"
     if isinstance(agent, DDPGAgent):
         return "warmup" if episode < agent.config.warmup else "explore"
     return "rule" if isinstance(agent, FixedStrategyAgent) else "random"

@@ -220,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="DDPG warm-up episodes of random actions (default: %(default)s)",
     )
     g.add_argument(
+        "--spread",
+        type=_fraction,
+        default=d.spread,
+        help="random actions (random search, DDPG warm-up) are uniform in [-S, S] (default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-start-at-center",
+        dest="start_at_center",
+        action="store_false",
+        help="with relative actions, episode 0 of ddpg and random search plays the center strategy "
+        "(action 0: uniform or --action-center's rule), so a search never ends below it; this turns that off",
+    )
+    g.add_argument(
         "--noise",
         type=float,
         default=d.noise,

@@ -75,6 +75,29 @@ def test_noise_schedule_follows_amc():
     assert actions.min() < -0.9 and actions.max() > 0.9 and abs(actions.mean()) < 0.1
 
 
+def test_warmup_spread_and_start_at_center():
+    import gymnasium as gym
+
+    obs_space = gym.spaces.Box(0, 1, (len(OBSERVATION_FEATURES),), np.float32)
+    act_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+    obs = np.zeros(len(OBSERVATION_FEATURES), np.float32)
+    cfg = DDPGConfig(warmup=3, spread=0.25, start_at_center=True)
+    ddpg = DDPGAgent(obs_space, act_space, cfg, seed=0)
+    random = RandomAgent(seed=0, spread=0.25, start_at_center=True)
+    for agent in (ddpg, random):
+        assert agent.start_at_center
+        agent.begin_episode(0)
+        assert [agent.act(obs)[0] for _ in range(4)] == [0.0] * 4  # episode 0: the center
+        agent.begin_episode(1)
+        actions = np.array([agent.act(obs)[0] for _ in range(300)])
+        assert actions.min() >= -0.25 and actions.max() <= 0.25 and actions.max() - actions.min() > 0.4
+    assert not DDPGAgent(obs_space, act_space, DDPGConfig(), seed=0).start_at_center  # AMC's default
+    with pytest.raises(ValueError, match="spread"):
+        DDPGConfig(spread=0.0)
+    with pytest.raises(ValueError, match="spread"):
+        RandomAgent(spread=1.5)
+
+
 def test_ddpg_learns_which_layer_to_keep(tiny_layers):
     """A synthetic reward that pays for keeping the last layers large: DDPG must beat random."""
 

@@ -132,6 +132,41 @@ def test_data_aware_search(tmp_path, ddpg_run):
     assert json.loads((run / "report.json").read_text())["compressed"]["flops_ratio"] <= 0.5
 
 
+def test_search_starts_at_the_center_strategy(ddpg_run):
+    rows = read_rows(ddpg_run / "stage-1" / "episodes.jsonl")
+    assert [r["phase"] for r in rows] == ["center", "warmup", "explore", "explore", "explore"]
+    # relative actions centered on uniform: episode 0 is (up to rank rounding) the uniform strategy
+    ratios = [entry["ratio"] for entry in rows[0]["layers"].values() if entry["ratio"] < 1]
+    assert len(ratios) >= 2 and max(ratios) - min(ratios) < 0.01
+    assert not any(
+        max(abs(a - b) for a, b in zip(_ratios(rows[0]), _ratios(r), strict=True)) < 1e-9 for r in rows[1:]
+    )
+
+
+def _ratios(row: dict) -> list[float]:
+    return [entry["ratio"] for entry in row["layers"].values()]
+
+
+def test_spread_bounds_random_actions(tmp_path, ddpg_run):
+    args = [*FAST, "--agent", "random", "--episodes", "4", "--spread", "0.2", "--final-epochs", "0"]
+    assert (
+        main([*args, "--checkpoint", str(ddpg_run / "dense.pt"), "--out", str(tmp_path), "--no-latency"]) == 0
+    )
+    (run,) = run_dirs(tmp_path)
+    rows = read_rows(run / "stage-1" / "episodes.jsonl")
+    assert [r["phase"] for r in rows] == ["center", "random", "random", "random"]
+    center = _ratios(rows[0])
+    for row in rows[
+        1:
+    ]:  # about x 3**0.2 per layer at most (the fair ratio moves a little with what was spent)
+        assert all(
+            b / a <= 3**0.2 + 0.05 and a / b <= 3**0.2 + 0.05
+            for a, b in zip(center, _ratios(row), strict=True)
+        )
+    config = json.loads((run / "config.json").read_text())
+    assert config["spread"] == 0.2 and config["start_at_center"] is True
+
+
 def test_split_seed_is_kept_apart_from_the_search_seed():
     from rlrank.config import SearchConfig
     from rlrank.pipeline import prepare

@@ -188,7 +188,15 @@ def test_policy_continues_training_from_its_buffer(multi_budget_policy, dense_ch
     assert main([*args, "--checkpoint", str(dense_checkpoint), "--out", str(tmp_path)]) == 0
     run = only_run(tmp_path)
     rows = read_rows(run / "stage-1" / "episodes.jsonl")
-    assert [r["phase"] for r in rows] == ["explore", "explore", "explore", "policy"]  # no warm-up
+    # the saved policy's roll-out comes first, so the continuation never ends below it; no warm-up
+    assert [r["phase"] for r in rows] == ["policy", "explore", "explore", "explore"]
+    zero_shot = tmp_path / "zero-shot"
+    args_zero = [*args[: args.index("--episodes")], "--episodes", "0", "--final-epochs", "0"]
+    assert main([*args_zero, "--checkpoint", str(dense_checkpoint), "--out", str(zero_shot)]) == 0
+    (zero_row,) = read_rows(only_run(zero_shot) / "stage-1" / "episodes.jsonl")
+    assert rows[0]["reward"] == zero_row["reward"] and rows[0]["layers"] == zero_row["layers"]
+    report = json.loads((run / "report.json").read_text())
+    assert report["stages"][-1]["best_reward"] >= zero_row["reward"]
     continued = read_policy_metadata(run / "stage-1" / "policy")
     assert continued["state"]["n_updates"] > saved["state"]["n_updates"]
     import numpy as np
