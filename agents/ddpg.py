@@ -73,6 +73,10 @@ class DDPGConfig:
         credit: ``copy`` (final reward on every step, AMC) or ``bootstrap``.
         baseline_alpha: Step of the reward moving-average baseline (AMC's ``moving_alpha``: 0.5).
         updates_per_step: Gradient updates per transition of a finished episode (AMC: 1).
+        final_layer_init: The output layers of actor and critic start uniform in
+            ``[-final_layer_init, final_layer_init]``, so the first policy actions are near 0 (with
+            relative actions: the center strategy) and the first values near 0 (DDPG paper and AMC:
+            3e-3; 0 keeps stable-baselines3's initialization).
     """
 
     hidden: tuple[int, ...] = (300, 300)
@@ -90,6 +94,7 @@ class DDPGConfig:
     credit: str = "copy"
     baseline_alpha: float = 0.5
     updates_per_step: int = 1
+    final_layer_init: float = 3e-3
 
     def __post_init__(self) -> None:
         if self.credit not in CREDITS:
@@ -151,6 +156,21 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _init_output_layers(model: DDPG, bound: float, seed: int) -> None:
+    """Draw the last linear layer of the actor and of every critic uniformly in ``[-bound, bound]``
+    (weights and biases, as in the DDPG paper) and copy them to the target networks."""
+    generator = torch.Generator().manual_seed(seed)
+    policy = model.policy
+    heads = [policy.actor.mu] + list(policy.critic.q_networks)
+    with torch.no_grad():
+        for head in heads:
+            last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+            for tensor in (last.weight, last.bias):
+                tensor.copy_(torch.empty_like(tensor).uniform_(-bound, bound, generator=generator))
+    policy.actor_target.load_state_dict(policy.actor.state_dict())
+    policy.critic_target.load_state_dict(policy.critic.state_dict())
+
+
 def truncated_normal(rng: np.random.Generator, mean: float, std: float, low: float, high: float) -> float:
     """A normal sample around ``mean`` conditioned on ``[low, high]`` (rejection, then clipping)."""
     if std <= 0:
@@ -201,6 +221,8 @@ class DDPGAgent(Agent):
             device="cpu",
         )
         self.model.actor_lr, self.model.critic_lr = cfg.actor_lr, cfg.critic_lr
+        if cfg.final_layer_init > 0:
+            _init_output_layers(self.model, cfg.final_layer_init, seed)
         self.model.set_logger(Logger(folder=None, output_formats=[]))
         self.rng = np.random.default_rng(self.seed)
         self.episode = 0

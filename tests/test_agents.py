@@ -98,6 +98,26 @@ def test_warmup_spread_and_start_at_center():
         RandomAgent(spread=1.5)
 
 
+def test_output_layers_start_near_zero_as_in_the_ddpg_paper():
+    import gymnasium as gym
+
+    obs_space = gym.spaces.Box(0, 1, (len(OBSERVATION_FEATURES),), np.float32)
+    act_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+    observations = np.random.default_rng(0).random((20, len(OBSERVATION_FEATURES)), dtype=np.float32)
+    agent = DDPGAgent(obs_space, act_space, DDPGConfig(), seed=0)
+    actions = [agent.policy_action(o) for o in observations]
+    assert max(abs(a) for a in actions) < 0.02  # the first policy plays (about) the center
+    policy = agent.model.policy
+    for net, target in ((policy.actor, policy.actor_target), (policy.critic, policy.critic_target)):
+        for (name, p), (_, q) in zip(net.state_dict().items(), target.state_dict().items(), strict=True):
+            assert torch.equal(p, q), name
+    with torch.no_grad():
+        values = policy.critic(torch.from_numpy(observations), torch.zeros(20, 1))[0]
+    assert values.abs().max() < 0.02
+    sb3 = DDPGAgent(obs_space, act_space, DDPGConfig(final_layer_init=0), seed=0)
+    assert max(abs(sb3.policy_action(o)) for o in observations) > 0.02  # stable-baselines3's init
+
+
 def test_ddpg_learns_which_layer_to_keep(tiny_layers):
     """A synthetic reward that pays for keeping the last layers large: DDPG must beat random."""
 
