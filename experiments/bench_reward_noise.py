@@ -1,0 +1,124 @@
+"""Benchmark: how noisy is the cheap-fine-tune reward, next to the differences it must rank?
+
+ResNet-20 on ``../shared`` CIFAR-10 (Tucker-2). The strategies of the rules (uniform, energy,
+VBMF) at one budget are each priced with the search's reward -- BN re-estimation, ``steps`` SGD
+steps, accuracy on the reward's validation images -- under several fine-tune seeds (the seed picks
+the fine-tune batches and augmentations; within a search every episode shares one seed, so this is
+the noise a *search seed* adds, not noise between the episodes of one search). Everything runs in
+one process on one factor cache, so only the reward is measured.
+
+Appends a table to ``experiments/RESULTS.md``: per rule and step count, the mean, standard
+deviation and range of the reward over seeds, and how often one seed ranks the rules as their means
+do.
+
+Run from the repository root::
+
+    python experiments/bench_reward_noise.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import recording
+
+from rlrank.config import SearchConfig
+from rlrank.decompose import FactorCache, is_compressible
+from rlrank.envs import RankSearchEnv
+from rlrank.finetune import FinetuneConfig
+from rlrank.pipeline import prepare, rule_ratios
+from rlrank.reward import RewardEvaluator
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet20", help="(default: %(default)s)")
+    p.add_argument("--flops", type=float, default=0.5, help="budget (default: %(default)s)")
+    p.add_argument("--rules", nargs="+", default=["uniform", "energy", "vbmf"], help="(default: %(default)s)")
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 40], help="SGD steps (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=6, help="fine-tune seeds 0..N-1 (default: %(default)s)")
+    p.add_argument("--reward-val-images", type=int, default=1000, help="(default: %(default)s)")
+    p.add_argument("--device", default="auto", help="(default: %(default)s)")
+    p.add_argument("--no-append", action="store_true", help="print the section, do not append it")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    session = recording.Session(argv)
+    cli = recording.cifar_search_args(args.model, max(args.steps), args.reward_val_images)
+    options = dict(zip(cli[::2], cli[1::2], strict=True))
+    config = SearchConfig(
+        model=args.model,
+        dataset=options["--dataset"],
+        data_dir=options["--data-dir"],
+        checkpoint=options["--checkpoint"],
+        flops=args.flops,
+        device=args.device,
+    )
+    setup = prepare(config)
+    steps = [layer for layer in setup.layers if is_compressible(layer, config.decomposition)]
+    cache = FactorCache(setup.model, steps, config.decomposition, seed=0)
+    cache.prepare_all(progress=False)
+    env = RankSearchEnv(
+        setup.layers, lambda plans: None, budget=args.flops, decomposition=config.decomposition
+    )
+
+    rewards: dict[tuple[str, int], list[float]] = {}
+    seconds = []
+    for rule in args.rules:
+        ratios, _ = rule_ratios(rule, env, cache, config.min_ratio)
+        plans = env.plan(ratios)
+        for n_steps, seed in itertools.product(args.steps, range(args.seeds)):
+            finetune = FinetuneConfig(
+                steps=n_steps,
+                lr=config.finetune_lr,
+                batch_size=128,
+                bn_batches=4,
+                val_images=args.reward_val_images,
+            )
+            evaluator = RewardEvaluator(setup.model, cache, setup.data, finetune, seed=seed)
+            evaluator.set_episode(1, 0)
+            began = time.perf_counter()
+            rewards.setdefault((rule, n_steps), []).append(evaluator(plans).accuracy)
+            seconds.append(time.perf_counter() - began)
+            print(f"{rule} steps {n_steps} seed {seed}: {rewards[(rule, n_steps)][-1]:.4f}", flush=True)
+
+    lines = [
+        *session.header(
+            f"Reward noise of the cheap fine-tune ({args.model}, CIFAR-10, --flops {args.flops:g})",
+            args.device,
+            str(setup.device),
+        ),
+        f"- each rule's strategy priced {args.seeds} times (fine-tune seeds 0..{args.seeds - 1}): BN "
+        f"re-estimation + N SGD steps (batch 128, lr {config.finetune_lr}), accuracy on "
+        f"{args.reward_val_images} held-out validation images; {statistics.mean(seconds):.1f} s per pricing",
+        "",
+        "| SGD steps | rule | mean reward | std over seeds | min | max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n_steps in args.steps:
+        for rule in args.rules:
+            values = rewards[(rule, n_steps)]
+            lines.append(
+                f"| {n_steps} | {rule} | {statistics.mean(values):.4f} | {statistics.stdev(values):.4f} "
+                f"| {min(values):.4f} | {max(values):.4f} |"
+            )
+    lines += ["", "How often one seed orders the rules as their means do:", ""]
+    for n_steps in args.steps:
+        by_mean = sorted(args.rules, key=lambda r: -statistics.mean(rewards[(r, n_steps)]))
+        agree = sum(
+            sorted(args.rules, key=lambda r: -rewards[(r, n_steps)][s]) == by_mean for s in range(args.seeds)
+        )
+        lines.append(
+            f"- {n_steps} steps: {agree} of {args.seeds} seeds (order by mean: {' > '.join(by_mean)})"
+        )
+    recording.publish("\n".join(lines) + "\n", append=not args.no_append)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
