@@ -4,8 +4,8 @@ ResNet-20 on ``../shared`` CIFAR-10 (Tucker-2). One DDPG agent is trained with
 ``--train-budgets 0.3,0.5,0.7``; then at each new budget (0.4, 0.6):
 
 * **zero-shot**: ``--policy P --episodes 0`` -- the deterministic policy rolled out once;
-* **few-shot**: ``--policy P --episodes N/10`` -- training continued from the saved policy and
-  replay buffer (plus the final deterministic roll-out);
+* **few-shot**: ``--policy P --episodes N/10`` -- the saved policy's deterministic roll-out first,
+  then training continued from the saved policy and replay buffer;
 * **fresh**: a new DDPG search with the full ``N`` episodes.
 
 All get the same reward settings and the same final fine-tune. Appends validation reward, test
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.reward_val_images} held-out images after {args.finetune_steps} SGD steps, final fine-tune "
         f"{args.final_epochs:g} epoch(s); dense test accuracy {dense['test_accuracy']:.4f}",
         "- reward evaluations count this budget's only (the shared training run's are not counted again); "
-        "policy runs include the final deterministic roll-out",
+        "policy runs include the deterministic roll-out of the saved policy",
         "",
         "| budget | variant | best val reward | val acc after fine-tune | test acc | Δ test vs dense | FLOP ratio "
         "| reward evals | search s |",
