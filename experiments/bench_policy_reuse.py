@@ -6,7 +6,9 @@ ResNet-20 on ``../shared`` CIFAR-10 (Tucker-2). One DDPG agent is trained with
 * **zero-shot**: ``--policy P --episodes 0`` -- the deterministic policy rolled out once;
 * **few-shot**: ``--policy P --episodes N/10`` -- the saved policy's deterministic roll-out first,
   then training continued from the saved policy and replay buffer;
-* **fresh**: a new DDPG search with the full ``N`` episodes.
+* **fresh**: a new DDPG search with the full ``N`` episodes;
+* **center**: the search's episode 0 alone (``--episodes 1``): the strategy action 0 plays (the
+  ``--action-center`` rule at this budget), what the policy's deviations are measured against.
 
 All get the same reward settings and the same final fine-tune. Appends validation reward, test
 accuracy and the number of reward evaluations of each to ``experiments/RESULTS.md``.
@@ -51,16 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     policy = trained.run_dir / "stage-1" / "policy"
     few = max(1, args.episodes // 10)
     rows = []
+    reused = int(trained.reused)
     for target in args.targets:
         common = [*base, "--flops", str(target), "--final-epochs", str(args.final_epochs)]
         variants = {
             "zero-shot": ["--policy", str(policy), "--episodes", "0"],
             "few-shot": ["--policy", str(policy), "--episodes", str(few)],
             "fresh": ["--episodes", str(args.episodes), "--warmup", str(args.episodes // 4)],
+            "center": ["--episodes", "1", "--warmup", "1"],
         }
         for variant, extra in variants.items():
             run = recording.run_search(f"flops{target:g}-{variant}", [*common, *extra], args.out)
             rows.append((target, variant, run))
+            reused += int(run.reused)
 
     dense = trained.report["dense"]
     lines = [
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.final_epochs:g} epoch(s); dense test accuracy {dense['test_accuracy']:.4f}",
         "- reward evaluations count this budget's only (the shared training run's are not counted again); "
         "policy runs include the deterministic roll-out of the saved policy",
+        f"- runs: {len(rows) + 1 - reused} made, {reused} complete runs of an earlier invocation read from "
+        f"`{args.out}`",
         "",
         "| budget | variant | best val reward | val acc after fine-tune | test acc | Δ test vs dense | FLOP ratio "
         "| reward evals | search s |",

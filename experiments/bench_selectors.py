@@ -31,6 +31,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import statistics
 from dataclasses import dataclass, field
@@ -110,6 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="run folders (default: bench-runs/selectors-<scale>)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="(default: all)")
     p.add_argument("--budgets", type=float, nargs="+", help="override the preset's budgets")
+    p.add_argument("--finetune-steps", type=int, help="override the preset's SGD steps of the reward")
     p.add_argument("--no-ablations", action="store_true", help="skip the distill / data-aware rows")
     p.add_argument(
         "--search-args",
@@ -127,6 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scale = SCALES[args.scale]
+    if args.finetune_steps is not None:
+        scale = dataclasses.replace(scale, finetune_steps=args.finetune_steps)
     budgets = args.budgets or scale.budgets
     label = f"{args.scale}-{args.tag}" if args.tag else args.scale
     out = args.out or Path(f"bench-runs/selectors-{label}")
