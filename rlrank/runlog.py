@@ -6,7 +6,7 @@ killed at any moment leaves at most one torn last line; :func:`read_rows` drops 
 
 Row fields (see :func:`rlrank.pipeline.episode_row`): ``stage``, ``episode``, ``agent``,
 ``budget``, ``reward``, ``accuracy``, ``loss``, ``flops_ratio``, ``params_ratio``, ``failed``,
-``phase`` (``warmup``, ``explore``, ``policy``, ``rule``), ``time`` (seconds: ``decompose``,
+``phase`` (``center``, ``warmup``, ``explore``, ``random``, ``policy``, ``rule``), ``time`` (seconds: ``decompose``,
 ``finetune``, ``evaluate``, ``agent``, ``env``, ``total``), ``layers`` (per layer: ``ratio``,
 ``ranks``, ``method``), ``agent_stats`` (e.g. the DDPG critic loss and noise std) and ``timestamp``
 (seconds since the epoch). Rows hold no NaN: missing values are ``null``.

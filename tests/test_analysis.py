@@ -100,7 +100,7 @@ def test_frame_columns_and_dtypes(run_dir: Path) -> None:
     assert df["failed"].dtype == bool
     for column in ("run", "agent", "phase"):
         assert pd.api.types.is_object_dtype(df[column]) or pd.api.types.is_string_dtype(df[column])
-    assert set(df["phase"]) <= {"warmup", "explore", "policy"}
+    assert set(df["phase"]) <= {"center", "warmup", "explore", "policy"}
     assert (df["agent"] == "ddpg").all()
     assert (df["time_total"] > 0).all()
 
