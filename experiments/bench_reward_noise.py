@@ -25,12 +25,12 @@ import time
 
 import recording
 
-from rlrank.config import SearchConfig
 from rlrank.decompose import FactorCache, is_compressible
 from rlrank.envs import RankSearchEnv
 from rlrank.finetune import FinetuneConfig
 from rlrank.pipeline import prepare, rule_ratios
 from rlrank.reward import RewardEvaluator
+from rlrank.search import build_parser, config_from_args
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,14 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     session = recording.Session(argv)
     cli = recording.cifar_search_args(args.model, max(args.steps), args.reward_val_images)
-    options = dict(zip(cli[::2], cli[1::2], strict=True))
-    config = SearchConfig(
-        model=args.model,
-        dataset=options["--dataset"],
-        data_dir=options["--data-dir"],
-        checkpoint=options["--checkpoint"],
-        flops=args.flops,
-        device=args.device,
+    config = config_from_args(
+        build_parser().parse_args([*cli, "--flops", str(args.flops), "--device", args.device])
     )
     setup = prepare(config)
     steps = [layer for layer in setup.layers if is_compressible(layer, config.decomposition)]
@@ -76,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             finetune = FinetuneConfig(
                 steps=n_steps,
                 lr=config.finetune_lr,
-                batch_size=128,
-                bn_batches=4,
-                val_images=args.reward_val_images,
+                batch_size=config.finetune_batch_size,
+                bn_batches=config.bn_batches,
+                val_images=config.reward_val_images,
             )
             evaluator = RewardEvaluator(setup.model, cache, setup.data, finetune, seed=seed)
             evaluator.set_episode(1, 0)
@@ -94,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             str(setup.device),
         ),
         f"- each rule's strategy priced {args.seeds} times (fine-tune seeds 0..{args.seeds - 1}): BN "
-        f"re-estimation + N SGD steps (batch 128, lr {config.finetune_lr}), accuracy on "
+        f"re-estimation + N SGD steps (batch {config.finetune_batch_size}, lr {config.finetune_lr}), accuracy on "
         f"{args.reward_val_images} held-out validation images; {statistics.mean(seconds):.1f} s per pricing",
         "",
         "| SGD steps | rule | mean reward | std over seeds | min | max |",
