@@ -18,6 +18,7 @@ from typing import NoReturn
 import pandas as pd
 
 from rlrank import analysis
+from rlrank.errors import UserError
 
 EXIT_USAGE = 2
 PROG = "rlrank-analyze"
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = _analyse_one(infos[0], args.out, args.top, args.export)
         else:
             report = _analyse_many(infos, args.out, args.top, args.export)
-    except analysis.AnalysisError as exc:
+    except UserError as exc:  # AnalysisError and every other bad input
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return EXIT_USAGE
     except OSError as exc:
