@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     session = recording.Session(argv)
-    base = recording.cifar_run_args(args)
+    base = [*recording.cifar_run_args(args), "--flops", str(args.flops)]
     per_stage = args.episodes // args.stages
     single = recording.run_search(
         "stages1",
