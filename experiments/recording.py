@@ -1,7 +1,11 @@
-"""What every benchmark script records: the machine, the command, and runs of ``rlrank.search``.
+"""What every benchmark script shares: its options, its records (the machine, the command, runs of
+``rlrank.search``) and its Markdown tables.
 
 Benchmarks run each search as a subprocess (``python -m rlrank.search ... --quiet``) so that every
 method starts from the same fresh process state, and read its ``report.json`` and episode log.
+Tables are pandas frames rendered by :func:`markdown` (``rlrank.analysis.markdown_table`` with a
+format per column). The CIFAR-10 benchmarks read ``../shared``; ``--dataset digits`` runs them on
+the embedded data instead (each search trains a small dense model itself), for smoke tests.
 """
 
 from __future__ import annotations
@@ -12,14 +16,19 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from rlrank.analysis import markdown_table
+from rlrank.run_folder import CONFIG_FILE, DENSE_MODEL_FILE, POLICY_DIR, REPORT_FILE, stage_dir_name
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -28,6 +37,13 @@ HEADER = (
     "# rlrank — benchmark results\n\n"
     "Every figure below comes from a run recorded with its command, date, device and wall time.\n"
 )
+DATASETS = {"cifar10": "CIFAR-10", "digits": "digits"}
+"""``--dataset`` of the CIFAR-10 benchmarks: its values and the name their sections print.
+
+``cifar10``: ``../shared`` CIFAR-10 (JPEG) and the pretrained ``<model>-jpeg.pt`` checkpoints.
+``digits``: the embedded 8x8 digits; every search trains its dense model for
+:data:`DIGITS_DENSE_EPOCHS` epoch(s) (for smoke tests, with ``--model tiny``)."""
+DIGITS_DENSE_EPOCHS = 1
 
 
 def cpu_model() -> str:
@@ -74,11 +90,75 @@ def append_section(text: str, results: Path = RESULTS) -> None:
     results.write_text(existing.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
 
 
-def publish(section: str, append: bool) -> None:
-    """Print a benchmark's Markdown section and, with ``append``, add it to RESULTS.md."""
+def publish(section: str, append: bool, results: Path = RESULTS) -> None:
+    """Print a benchmark's Markdown section and, with ``append``, add it to ``results``.
+
+    Args:
+        section: The Markdown section.
+        append: Whether to append it to ``results`` (the scripts' ``--no-append`` turns it off).
+        results: The results file (default ``experiments/RESULTS.md``).
+    """
     if append:
-        append_section(section)
+        append_section(section, results)
     print(section)
+
+
+# ============================================================================================
+# Tables
+# ============================================================================================
+
+Format = str | Callable[[Any], str]
+"""How :func:`markdown` shows a column's cells: a format spec (``".3f"``, ``"+.4f"``, ``"g"``) or a
+function of the cell."""
+
+
+def markdown(table: pd.DataFrame, formats: Mapping[str, Format] | None = None, digits: int = 4) -> str:
+    """A Markdown table of a frame: ``rlrank.analysis.markdown_table`` with a format per column.
+
+    Args:
+        table: One row per table row; its column names are the header.
+        formats: Column -> format spec or function, for cells that need another form than
+            ``digits`` decimals (missing values stay blank). Numeric columns stay right-aligned.
+        digits: Decimals of the other float cells.
+
+    Returns:
+        The table, without a trailing newline.
+    """
+    numeric = [pd.api.types.is_numeric_dtype(table[column]) for column in table.columns]
+    shown = table.copy()
+    for column, fmt in (formats or {}).items():
+        shown[column] = pd.Series(
+            [_format(value, fmt) for value in table[column]], index=table.index, dtype=object
+        )
+    lines = markdown_table(shown, digits).split("\n")
+    lines[1] = "|" + "|".join("---:" if right else "---" for right in numeric) + "|"
+    return "\n".join(lines)
+
+
+def _format(value: Any, fmt: Format) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return fmt(value) if callable(fmt) else format(value, fmt)
+
+
+def mean_spread(values: Iterable[float], digits: int = 4, signed: bool = False) -> str:
+    """``"m"`` for one value, ``"m ± s"`` (mean and sample standard deviation) for several.
+
+    Args:
+        values: The values (e.g. one per seed).
+        digits: Decimals of both.
+        signed: Show the mean's sign even when positive (for differences).
+    """
+    values = [float(v) for v in values]
+    sign = "+" if signed else ""
+    if len(values) == 1:
+        return f"{values[0]:{sign}.{digits}f}"
+    return f"{statistics.mean(values):{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+# ============================================================================================
+# Options shared by the CIFAR-10 benchmarks
+# ============================================================================================
 
 
 def cifar_search_args(
@@ -87,23 +167,53 @@ def cifar_search_args(
     reward_val_images: int,
     batch_size: int = 128,
     distill: float = 0.0,
+    dataset: str = "cifar10",
 ) -> list[str]:
     """``rlrank.search`` options for a pretrained CIFAR ResNet on ``../shared`` CIFAR-10 (JPEG).
 
     The dense weights are the ``<model>-jpeg.pt`` checkpoints adapted to this data; distillation is
-    off unless asked for, as in every CIFAR-10 figure recorded in RESULTS.md.
+    off unless asked for, as in every CIFAR-10 figure recorded in RESULTS.md. With
+    ``dataset="digits"`` the search runs on the embedded digits instead and trains its dense model
+    itself (see :data:`DATASETS`).
     """
     return [
-        "--model", model,
-        "--dataset", "imagefolder",
-        "--data-dir", str(SHARED / "data" / "cifar10-jpeg.tar.gz"),
-        "--checkpoint", str(SHARED / "models" / "cifar-resnet" / f"{model}-jpeg.pt"),
+        *data_args(model, dataset),
         "--finetune-steps", str(finetune_steps),
         "--reward-val-images", str(reward_val_images),
         "--batch-size", str(batch_size),
         "--finetune-batch-size", str(batch_size),
         "--distill", str(distill),
     ]  # fmt: skip
+
+
+def data_args(model: str, dataset: str = "cifar10") -> list[str]:
+    """The ``rlrank.search`` options naming the model, its data and its dense weights.
+
+    Raises:
+        ValueError: ``dataset`` is not one of :data:`DATASETS`.
+    """
+    if dataset == "digits":
+        return ["--model", model, "--dataset", "digits", "--dense-epochs", str(DIGITS_DENSE_EPOCHS)]
+    if dataset != "cifar10":
+        raise ValueError(f"unknown benchmark dataset {dataset!r} (use one of {', '.join(DATASETS)})")
+    return [
+        "--model", model,
+        "--dataset", "imagefolder",
+        "--data-dir", str(SHARED / "data" / "cifar10-jpeg.tar.gz"),
+        "--checkpoint", str(SHARED / "models" / "cifar-resnet" / f"{model}-jpeg.pt"),
+    ]  # fmt: skip
+
+
+def add_dataset_option(parser: argparse.ArgumentParser) -> None:
+    """``--dataset cifar10|digits`` (default cifar10, the ``../shared`` data)."""
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default="cifar10",
+        help="cifar10: ../shared CIFAR-10 and pretrained checkpoints; digits: the embedded data, the "
+        f"dense model trained by each search ({DIGITS_DENSE_EPOCHS} epoch), for smoke tests "
+        "(default: %(default)s)",
+    )
 
 
 class Session:
@@ -130,7 +240,8 @@ class Session:
 
 
 def add_cifar_options(parser: argparse.ArgumentParser, out: str) -> None:
-    """The options every CIFAR-10 benchmark shares: model, reward settings, seed, device, output."""
+    """The options every CIFAR-10 benchmark shares: data, model, reward settings, seed, device, output."""
+    add_dataset_option(parser)
     parser.add_argument("--model", default="resnet20", help="(default: %(default)s)")
     parser.add_argument("--finetune-steps", type=int, default=10, help="(default: %(default)s)")
     parser.add_argument("--reward-val-images", type=int, default=1000, help="(default: %(default)s)")
@@ -148,7 +259,7 @@ def add_cifar_options(parser: argparse.ArgumentParser, out: str) -> None:
 def cifar_run_args(args: argparse.Namespace) -> list[str]:
     """``rlrank.search`` options from what :func:`add_cifar_options` parsed."""
     return [
-        *cifar_search_args(args.model, args.finetune_steps, args.reward_val_images),
+        *cifar_search_args(args.model, args.finetune_steps, args.reward_val_images, dataset=args.dataset),
         "--seed", str(args.seed),
         "--device", args.device,
         *shlex.split(args.search_args),
@@ -168,7 +279,16 @@ class SearchRun:
     @property
     def config(self) -> dict[str, Any]:
         """The run's resolved ``config.json``."""
-        return json.loads((self.run_dir / "config.json").read_text())
+        return json.loads((self.run_dir / CONFIG_FILE).read_text())
+
+    @property
+    def dense_model(self) -> Path:
+        """The dense model the run trained (when it was given no ``--checkpoint``)."""
+        return self.run_dir / DENSE_MODEL_FILE
+
+    def policy_dir(self, stage: int = 1) -> Path:
+        """The DDPG policy folder of a stage (what ``--policy`` reads)."""
+        return self.run_dir / stage_dir_name(stage) / POLICY_DIR
 
     @property
     def episodes(self) -> pd.DataFrame:
@@ -195,7 +315,7 @@ def run_search(name: str, args: list[str], out: Path, reuse: bool = True) -> Sea
     if reuse:
         done = _complete_run(target)
         if done is not None:
-            report = json.loads((done / "report.json").read_text())
+            report = json.loads((done / REPORT_FILE).read_text())
             return SearchRun(name, done, report, float(report.get("wall_seconds", float("nan"))), reused=True)
     target.mkdir(parents=True, exist_ok=True)
     log = out / f"{name}.log"
@@ -208,7 +328,7 @@ def run_search(name: str, args: list[str], out: Path, reuse: bool = True) -> Sea
     done = _complete_run(target)
     if code != 0 or done is None:
         raise RuntimeError(f"search {name} failed with exit code {code}; see {log}")
-    report = json.loads((done / "report.json").read_text())
+    report = json.loads((done / REPORT_FILE).read_text())
     print(
         f"[{utc_now()}] {name}: {wall:.0f} s, test {report['compressed']['test_accuracy']:.4f}, "
         f"FLOPs {report['compressed']['flops_ratio']:.3f}",
@@ -220,7 +340,7 @@ def run_search(name: str, args: list[str], out: Path, reuse: bool = True) -> Sea
 def _complete_run(folder: Path) -> Path | None:
     if not folder.is_dir():
         return None
-    runs = sorted(p.parent for p in folder.glob("*/report.json"))
+    runs = sorted(p.parent for p in folder.glob(f"*/{REPORT_FILE}"))
     return runs[-1] if runs else None
 
 
