@@ -17,6 +17,7 @@ Run from the repository root::
 
     python experiments/bench_decompose.py
     python experiments/bench_decompose.py --models resnet20 --repeats 5 --no-append --profile
+    python experiments/bench_decompose.py --models tiny --repeats 1 --no-append   # a smoke test
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import recording
 import torch
 
@@ -65,7 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median is reported)")
     parser.add_argument("--decomposition", default="tucker2", choices=["tucker2", "svd", "cp"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the random rank vectors")
-    parser.add_argument("--results", type=Path, default=Path("experiments/RESULTS.md"))
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=recording.RESULTS,
+        help="results file (default: experiments/RESULTS.md)",
+    )
     parser.add_argument("--no-append", action="store_true", help="print only; leave the results file alone")
     parser.add_argument(
         "--profile", action="store_true", help="after timing, cProfile one warm application per model"
@@ -121,17 +128,20 @@ def bench_model(name: str, decomposition: str, repeats: int, seed: int, profile:
 
 
 def table(results: list[Result]) -> str:
-    lines = [
-        "| model | layers (compressible / all) | cold s | warm s | speed-up | cold runs s | warm runs s |",
-        "|---|---|---|---|---|---|---|",
+    """One row per model: layers, median cold and warm times, speed-up, and every run's time."""
+    rows = [
+        {
+            "model": r.model,
+            "layers (compressible / all)": f"{r.compressible} / {r.layers}",
+            "cold s": r.cold_s,
+            "warm s": r.warm_s,
+            "speed-up": r.speedup,
+            "cold runs s": ", ".join(f"{t:.3f}" for t in r.cold_runs),
+            "warm runs s": ", ".join(f"{t:.3f}" for t in r.warm_runs),
+        }
+        for r in results
     ]
-    for r in results:
-        lines.append(
-            f"| {r.model} | {r.compressible} / {r.layers} | {r.cold_s:.3f} | {r.warm_s:.3f} | "
-            f"{r.speedup:.1f}x | {', '.join(f'{t:.3f}' for t in r.cold_runs)} | "
-            f"{', '.join(f'{t:.3f}' for t in r.warm_runs)} |"
-        )
-    return "\n".join(lines)
+    return recording.markdown(pd.DataFrame(rows), {"speed-up": lambda x: f"{x:.1f}x"}, digits=3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     print()
-    print(section)
+    recording.publish(section, append=not args.no_append, results=args.results)
     if not args.no_append:
-        recording.append_section(section, args.results)
         print(f"appended to {args.results}")
     return 0
 

@@ -15,14 +15,18 @@ Run from the repository root::
 
     python experiments/bench_default.py
     python experiments/bench_default.py --seeds 0 1 --out /tmp/bench-default
+    python experiments/bench_default.py --model tiny --baselines uniform --no-append \\
+        --search-args '--episodes 2 --dense-epochs 1 --final-epochs 0.1'   # a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 from pathlib import Path
 
+import pandas as pd
 import recording
 
 
@@ -38,6 +42,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=["uniform", "energy", "vbmf", "random"],
         help="baseline agents to run",
     )
+    p.add_argument("--model", default="resnet18", help="(default: %(default)s, the README's)")
+    p.add_argument(
+        "--search-args",
+        default="",
+        help="extra rlrank.search options for every run (default: none, the README's main job), "
+        "e.g. '--episodes 2 --dense-epochs 1' for a smoke test",
+    )
     p.add_argument("--no-append", action="store_true", help="print the section instead of appending it")
     return p.parse_args(argv)
 
@@ -45,11 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     session = recording.Session(argv)
-    common = ["--model", "resnet18", "--flops", "0.5"]
+    common = ["--model", args.model, "--flops", "0.5", *shlex.split(args.search_args)]
 
     main_job = recording.run_search("main-job", common, args.out)
-    dense = main_job.run_dir / "dense.pt"
-    with_dense = [*common, "--checkpoint", str(dense)]
+    with_dense = [*common, "--checkpoint", str(main_job.dense_model)]
     runs: dict[str, list[recording.SearchRun]] = {"ddpg": [main_job]}
     for seed in args.seeds:
         if seed != 0:
@@ -66,47 +76,52 @@ def main(argv: list[str] | None = None) -> int:
         ]
 
     dense_report = main_job.report["dense"]
+    config = main_job.config
+    command = " ".join(["python -m rlrank.search", *map(shlex.quote, common)])
     lines = [
         *session.header(
-            "Embedded default: DDPG vs baselines (resnet18, digits, --flops 0.5)",
+            f"Embedded default: DDPG vs baselines ({args.model}, digits, --flops 0.5)",
             "cpu",
             main_job.report["device"],
         ),
-        f"- README main job (`python -m rlrank.search --model resnet18 --flops 0.5`, dense training "
+        f"- README main job (`{command}`, dense training "
         f"included): **{main_job.wall_s / 60:.1f} min** wall, dense test accuracy "
         f"{dense_report['test_accuracy']:.2%} -> compressed "
         f"{main_job.report['compressed']['test_accuracy']:.2%} at "
         f"{main_job.report['compressed']['flops_ratio']:.3f} of the FLOPs",
-        "- every other row starts from the main job's dense model (`--checkpoint .../dense.pt`), same "
-        "split (`--split-seed 0`), reward (10 SGD steps, common batches), Tucker-2 and final fine-tune "
-        "(5 epochs); rules get one reward evaluation, DDPG and random search 100 each",
+        f"- every other row starts from the main job's dense model (`--checkpoint .../{main_job.dense_model.name}`), same "
+        f"split (`--split-seed {config['split_seed']}`), reward ({config['finetune_steps']} SGD steps, "
+        f"common batches), Tucker-2 and final fine-tune ({config['final_epochs']:g} epochs); rules get one "
+        f"reward evaluation, DDPG and random search {main_job.report['reward_evaluations']} each",
         "",
-        "| agent | seeds | best val reward | test acc | Δ test vs dense | FLOP ratio | param ratio | "
-        "reward evals | search s | run wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        results_table(runs, dense_report["test_accuracy"]),
     ]
-    for agent, agent_runs in runs.items():
-        rewards = [recording.best_val_reward(r) for r in agent_runs]
-        tests = [r.report["compressed"]["test_accuracy"] for r in agent_runs]
-        lines.append(
-            f"| {agent} | {','.join(str(r.config['seed']) for r in agent_runs)} | "
-            f"{_mean_spread(rewards, 4)} | {_mean_spread(tests, 4)} | "
-            f"{statistics.mean(tests) - dense_report['test_accuracy']:+.4f} | "
-            f"{statistics.mean(r.report['compressed']['flops_ratio'] for r in agent_runs):.3f} | "
-            f"{statistics.mean(r.report['compressed']['params_ratio'] for r in agent_runs):.3f} | "
-            f"{agent_runs[0].report['reward_evaluations']} | "
-            f"{statistics.mean(r.report['search_seconds'] for r in agent_runs):.0f} | "
-            f"{statistics.mean(r.wall_s for r in agent_runs):.0f} |"
-        )
     section = "\n".join(lines) + "\n"
     recording.publish(section, append=not args.no_append)
     return 0
 
 
-def _mean_spread(values: list[float], digits: int) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+def results_table(runs: dict[str, list[recording.SearchRun]], dense_test: float) -> str:
+    """One row per agent (mean ± std over its seeds)."""
+    rows = []
+    for agent, agent_runs in runs.items():
+        tests = [r.report["compressed"]["test_accuracy"] for r in agent_runs]
+        rows.append(
+            {
+                "agent": agent,
+                "seeds": ",".join(str(r.config["seed"]) for r in agent_runs),
+                "best val reward": recording.mean_spread([recording.best_val_reward(r) for r in agent_runs]),
+                "test acc": recording.mean_spread(tests),
+                "Δ test vs dense": statistics.mean(tests) - dense_test,
+                "FLOP ratio": statistics.mean(r.report["compressed"]["flops_ratio"] for r in agent_runs),
+                "param ratio": statistics.mean(r.report["compressed"]["params_ratio"] for r in agent_runs),
+                "reward evals": agent_runs[0].report["reward_evaluations"],
+                "search s": statistics.mean(r.report["search_seconds"] for r in agent_runs),
+                "run wall s": statistics.mean(r.wall_s for r in agent_runs),
+            }
+        )
+    formats = {"Δ test vs dense": "+.4f", "FLOP ratio": ".3f", "param ratio": ".3f", "search s": ".0f"}
+    return recording.markdown(pd.DataFrame(rows), {**formats, "run wall s": ".0f"})
 
 
 if __name__ == "__main__":

@@ -16,13 +16,18 @@ accuracy and the number of reward evaluations of each to ``experiments/RESULTS.m
 Run from the repository root::
 
     python experiments/bench_policy_reuse.py
+    python experiments/bench_policy_reuse.py --dataset digits --model tiny --train-episodes 2 \
+        --targets 0.5 --variants zero-shot --no-append   # a smoke test on the embedded data
 """
 
 from __future__ import annotations
 
 import argparse
 
+import pandas as pd
 import recording
+
+VARIANTS = ("zero-shot", "few-shot", "fresh", "center")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,6 +39,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--episodes", type=int, default=40, help="episodes of a fresh search (default: %(default)s)"
     )
     p.add_argument("--final-epochs", type=float, default=1.0, help="(default: %(default)s)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="rows per budget (default: all)",
+    )
     recording.add_cifar_options(p, out="bench-runs/policy-reuse")
     return p.parse_args(argv)
 
@@ -50,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
          "--final-epochs", "0", "--no-latency"],
         args.out,
     )  # fmt: skip
-    policy = trained.run_dir / "stage-1" / "policy"
+    policy = trained.policy_dir(1)
     few = max(1, args.episodes // 10)
     rows = []
     reused = int(trained.reused)
@@ -62,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             "fresh": ["--episodes", str(args.episodes), "--warmup", str(args.episodes // 4)],
             "center": ["--episodes", "1", "--warmup", "1"],
         }
-        for variant, extra in variants.items():
+        for variant in args.variants:
+            extra = variants[variant]
             run = recording.run_search(f"flops{target:g}-{variant}", [*common, *extra], args.out)
             rows.append((target, variant, run))
             reused += int(run.reused)
@@ -70,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     dense = trained.report["dense"]
     lines = [
         *session.header(
-            f"Policy reuse across budgets ({args.model}, CIFAR-10)", args.device, trained.report["device"]
+            f"Policy reuse across budgets ({args.model}, {recording.DATASETS[args.dataset]})",
+            args.device,
+            trained.report["device"],
         ),
         f"- policy: DDPG trained for {args.train_episodes} episodes cycling budgets {args.train_budgets} "
         f"(search {trained.report['search_seconds']:.0f} s); every row: Tucker-2, reward = val accuracy on "
@@ -81,21 +96,33 @@ def main(argv: list[str] | None = None) -> int:
         f"- runs: {len(rows) + 1 - reused} made, {reused} complete runs of an earlier invocation read from "
         f"`{args.out}`",
         "",
-        "| budget | variant | best val reward | val acc after fine-tune | test acc | Δ test vs dense | FLOP ratio "
-        "| reward evals | search s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        results_table(rows),
     ]
-    for target, variant, run in rows:
-        stage = run.report["stages"][-1]
-        c = run.report["compressed"]
-        lines.append(
-            f"| {target:g} | {variant} | {stage['best_reward']:.4f} | {stage['val_accuracy']:.4f} | "
-            f"{c['test_accuracy']:.4f} | {run.report['test_accuracy_delta']:+.4f} | {c['flops_ratio']:.3f} | "
-            f"{run.report['reward_evaluations']} | {run.report['search_seconds']:.0f} |"
-        )
     section = "\n".join(lines) + "\n"
     recording.publish(section, append=not args.no_append)
     return 0
+
+
+def results_table(rows: list[tuple[float, str, recording.SearchRun]]) -> str:
+    """One row per budget and variant: reward, accuracies, cost, reward evaluations, search time."""
+    table = pd.DataFrame(
+        [
+            {
+                "budget": target,
+                "variant": variant,
+                "best val reward": run.report["stages"][-1]["best_reward"],
+                "val acc after fine-tune": run.report["stages"][-1]["val_accuracy"],
+                "test acc": run.report["compressed"]["test_accuracy"],
+                "Δ test vs dense": run.report["test_accuracy_delta"],
+                "FLOP ratio": run.report["compressed"]["flops_ratio"],
+                "reward evals": run.report["reward_evaluations"],
+                "search s": run.report["search_seconds"],
+            }
+            for target, variant, run in rows
+        ]
+    )
+    formats = {"budget": "g", "Δ test vs dense": "+.4f", "FLOP ratio": ".3f", "search s": ".0f"}
+    return recording.markdown(table, formats)
 
 
 if __name__ == "__main__":

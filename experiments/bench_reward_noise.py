@@ -14,6 +14,8 @@ do.
 Run from the repository root::
 
     python experiments/bench_reward_noise.py
+    python experiments/bench_reward_noise.py --dataset digits --model tiny --steps 1 --seeds 2 \
+        --no-append   # a smoke test on the embedded data (an untrained model: only the plumbing)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import itertools
 import statistics
 import time
 
+import pandas as pd
 import recording
 
 from rlrank.decompose import FactorCache, is_compressible
@@ -35,6 +38,7 @@ from rlrank.search import build_parser, config_from_args
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    recording.add_dataset_option(p)
     p.add_argument("--model", default="resnet20", help="(default: %(default)s)")
     p.add_argument("--flops", type=float, default=0.5, help="budget (default: %(default)s)")
     p.add_argument("--rules", nargs="+", default=["uniform", "energy", "vbmf"], help="(default: %(default)s)")
@@ -49,7 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     session = recording.Session(argv)
-    cli = recording.cifar_search_args(args.model, max(args.steps), args.reward_val_images)
+    cli = recording.cifar_search_args(
+        args.model, max(args.steps), args.reward_val_images, dataset=args.dataset
+    )
     config = config_from_args(
         build_parser().parse_args([*cli, "--flops", str(args.flops), "--device", args.device])
     )
@@ -83,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         *session.header(
-            f"Reward noise of the cheap fine-tune ({args.model}, CIFAR-10, --flops {args.flops:g})",
+            f"Reward noise of the cheap fine-tune ({args.model}, {recording.DATASETS[args.dataset]}, "
+            f"--flops {args.flops:g})",
             args.device,
             str(setup.device),
         ),
@@ -91,16 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         f"re-estimation + N SGD steps (batch {config.finetune_batch_size}, lr {config.finetune_lr}), accuracy on "
         f"{args.reward_val_images} held-out validation images; {statistics.mean(seconds):.1f} s per pricing",
         "",
-        "| SGD steps | rule | mean reward | std over seeds | min | max |",
-        "|---|---|---|---|---|---|",
+        noise_table(rewards, args.steps, args.rules),
     ]
-    for n_steps in args.steps:
-        for rule in args.rules:
-            values = rewards[(rule, n_steps)]
-            lines.append(
-                f"| {n_steps} | {rule} | {statistics.mean(values):.4f} | {statistics.stdev(values):.4f} "
-                f"| {min(values):.4f} | {max(values):.4f} |"
-            )
     lines += ["", "How often one seed orders the rules as their means do:", ""]
     for n_steps in args.steps:
         by_mean = sorted(args.rules, key=lambda r: -statistics.mean(rewards[(r, n_steps)]))
@@ -112,6 +111,25 @@ def main(argv: list[str] | None = None) -> int:
         )
     recording.publish("\n".join(lines) + "\n", append=not args.no_append)
     return 0
+
+
+def noise_table(rewards: dict[tuple[str, int], list[float]], steps: list[int], rules: list[str]) -> str:
+    """One row per step count and rule: mean, standard deviation, min and max of the reward over seeds."""
+    table = pd.DataFrame(
+        [
+            {
+                "SGD steps": n_steps,
+                "rule": rule,
+                "mean reward": statistics.mean(rewards[(rule, n_steps)]),
+                "std over seeds": statistics.stdev(rewards[(rule, n_steps)]),
+                "min": min(rewards[(rule, n_steps)]),
+                "max": max(rewards[(rule, n_steps)]),
+            }
+            for n_steps in steps
+            for rule in rules
+        ]
+    )
+    return recording.markdown(table, digits=4)
 
 
 if __name__ == "__main__":

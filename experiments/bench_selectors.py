@@ -26,6 +26,8 @@ Run from the repository root::
 
     python experiments/bench_selectors.py --scale cpu
     python experiments/bench_selectors.py --scale gpu --device cuda
+    python experiments/bench_selectors.py --dataset digits --model tiny --methods uniform random \
+        --budgets 0.5 --seeds 0 --episodes 2 --no-ablations --csv-dir /tmp --no-append   # a smoke test
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,9 +60,12 @@ class Scale:
     seeds: list[int]
     ablations: list[str] = field(default_factory=lambda: ["distill", "data-aware"])
 
-    def search_args(self) -> list[str]:
+    def search_args(self, dataset: str = "cifar10") -> list[str]:
+        """The ``rlrank.search`` options every run of this preset shares (``--dataset`` as given)."""
         return [
-            *recording.cifar_search_args(self.model, self.finetune_steps, self.reward_val_images, self.batch_size),
+            *recording.cifar_search_args(
+                self.model, self.finetune_steps, self.reward_val_images, self.batch_size, dataset=dataset
+            ),
             "--episodes", str(self.episodes),
             "--warmup", str(self.warmup),
             "--final-epochs", str(self.final_epochs),
@@ -102,16 +106,24 @@ METHOD_ARGS = {
 """Methods that are an agent with options; any other method is ``--agent METHOD``."""
 SEARCHED = ("random", "ddpg", "ddpg-energy", "random-energy")
 ABLATION_ARGS = {"distill": ["--distill", "0.5"], "data-aware": ["--data-aware"]}
+EPISODE_TIMES = ("decompose", "finetune", "evaluate", "agent", "env", "total")
+"""The parts of an episode's time in a stage's ``time_per_episode`` (and the CSV's ``episode_*_s``)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="preset (default: %(default)s)")
+    recording.add_dataset_option(p)
     p.add_argument("--device", default="auto", help="device of every search (default: %(default)s)")
     p.add_argument("--out", type=Path, help="run folders (default: bench-runs/selectors-<scale>)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="(default: all)")
     p.add_argument("--budgets", type=float, nargs="+", help="override the preset's budgets")
     p.add_argument("--finetune-steps", type=int, help="override the preset's SGD steps of the reward")
+    p.add_argument("--model", help="override the preset's model")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds (searched methods)")
+    p.add_argument("--episodes", type=int, help="override the preset's episodes (warm-up: a quarter of them)")
+    p.add_argument("--final-epochs", type=float, help="override the preset's final fine-tune epochs")
+    p.add_argument("--reward-val-images", type=int, help="override the preset's reward images (0: all)")
     p.add_argument("--no-ablations", action="store_true", help="skip the distill / data-aware rows")
     p.add_argument(
         "--search-args",
@@ -122,21 +134,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--tag", default="", help="suffix of the CSV name and run folder (selectors-<scale>-<tag>)"
     )
+    p.add_argument(
+        "--csv-dir",
+        type=Path,
+        default=CSV_DIR,
+        help="folder of the per-run CSV (default: experiments/results)",
+    )
     p.add_argument("--no-append", action="store_true", help="print the tables instead of appending them")
     return p.parse_args(argv)
 
 
+def scale_of(args: argparse.Namespace) -> Scale:
+    """The preset of ``--scale`` with the overrides given on the command line."""
+    scale = SCALES[args.scale]
+    overrides = {
+        "model": args.model,
+        "finetune_steps": args.finetune_steps,
+        "seeds": args.seeds,
+        "final_epochs": args.final_epochs,
+        "reward_val_images": args.reward_val_images,
+    }
+    if args.model is not None:
+        overrides["checkpoint"] = f"{args.model}-jpeg.pt"
+    if args.episodes is not None:
+        overrides.update(episodes=args.episodes, warmup=args.episodes // 4)
+    return dataclasses.replace(scale, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    scale = SCALES[args.scale]
-    if args.finetune_steps is not None:
-        scale = dataclasses.replace(scale, finetune_steps=args.finetune_steps)
+    scale = scale_of(args)
     budgets = args.budgets or scale.budgets
     label = f"{args.scale}-{args.tag}" if args.tag else args.scale
     out = args.out or Path(f"bench-runs/selectors-{label}")
     search_extra = shlex.split(args.search_args)
     session = recording.Session(argv)
-    base = [*scale.search_args(), "--device", args.device]
+    base = [*scale.search_args(args.dataset), "--device", args.device]
 
     rows = []
     reused = 0  # runs already complete in --out, read instead of run again
@@ -167,24 +200,30 @@ def main(argv: list[str] | None = None) -> int:
                 reused += run.reused
 
     frame = pd.DataFrame(rows)
-    CSV_DIR.mkdir(exist_ok=True)
-    csv_path = CSV_DIR / f"selectors-{label}.csv"
+    args.csv_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = args.csv_dir / f"selectors-{label}.csv"
     frame.to_csv(csv_path, index=False)
+    shown_csv = f"experiments/results/{csv_path.name}" if args.csv_dir == CSV_DIR else str(csv_path)
 
     dense = frame.iloc[0]
+    if args.dataset == "cifar10":
+        dense_from = f"`../shared/models/cifar-resnet/{scale.checkpoint}`"
+        val_images = f"{scale.reward_val_images or 5000} of the 5,000"
+    else:
+        dense_from = f"trained by each search on {recording.DATASETS[args.dataset]}"
+        val_images = f"{scale.reward_val_images or 'all'} of the"
     section = "\n".join(
         [
             *session.header(
-                f"Rank selectors on CIFAR-10 ({scale.model}, scale {args.scale})",
+                f"Rank selectors on {recording.DATASETS[args.dataset]} ({scale.model}, scale {args.scale})",
                 str(dense["device"]),
                 str(dense["device"]),
             ),
             f"- runs: {len(rows) - reused} made, {reused} complete runs of an earlier invocation read "
-            f"from `{out}` (every run's own wall time is in the CSV); per-run CSV: "
-            f"`experiments/results/{csv_path.name}`",
-            f"- dense {scale.model} (`../shared/models/cifar-resnet/{scale.checkpoint}`): test accuracy "
+            f"from `{out}` (every run's own wall time is in the CSV); per-run CSV: `{shown_csv}`",
+            f"- dense {scale.model} ({dense_from}): test accuracy "
             f"{dense['dense_test']:.4f}, val {dense['dense_val']:.4f} (the dense model has seen the val images)",
-            f"- every method: Tucker-2, reward = val accuracy on {scale.reward_val_images or 5000} of the 5,000 "
+            f"- every method: Tucker-2, reward = val accuracy on {val_images} "
             f"held-out images after BN re-estimation + {scale.finetune_steps} SGD steps (batch "
             f"{scale.batch_size}, common batches); DDPG {scale.episodes} episodes ({scale.warmup} warm-up), "
             f"random search {scale.episodes}; final fine-tune {scale.final_epochs:g} epoch(s), one-cycle, "
@@ -229,7 +268,7 @@ def _row(run: recording.SearchRun, budget: float, method: str, seed: int) -> dic
         "finetune_seconds": stage["finetune_seconds"],
         "run_wall_seconds": run.wall_s,
     }
-    for key in ("decompose", "finetune", "evaluate", "agent", "env", "total"):
+    for key in EPISODE_TIMES:
         row[f"episode_{key}_s"] = times.get(key, 0.0)
     for batch in ("batch1", "batch64"):
         entry = latency.get(batch, {})
@@ -239,49 +278,64 @@ def _row(run: recording.SearchRun, budget: float, method: str, seed: int) -> dic
     return row
 
 
-def _fmt(values: pd.Series, digits: int, signed: bool = False) -> str:
-    sign = "+" if signed else ""
-    if len(values) == 1:
-        return f"{values.iloc[0]:{sign}.{digits}f}"
-    return f"{values.mean():{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+def _latency(group: pd.DataFrame, batch: str, digits: int) -> str | None:
+    """Median latency and speed-up at one batch size, ``"1.23 (1.45x)"`` (None when not measured)."""
+    ms, speedup = group[f"latency_{batch}_ms"].median(), group[f"latency_{batch}_speedup"].median()
+    if pd.isna(ms):
+        return None
+    return f"{ms:.{digits}f} ({speedup:.2f}x)"
 
 
 def results_table(frame: pd.DataFrame) -> str:
-    lines = [
-        "| budget | method | seeds | best val reward | test acc | Δ test | FLOP ratio | param ratio | "
-        "latency b1 ms (speed-up) | latency b64 ms (speed-up) | FLOP speed-up | search s | reward evals |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    """One row per budget and method: reward, test accuracy, cost, latency, search time (mean ± std)."""
+    rows = [
+        {
+            "budget": budget,
+            "method": method,
+            "seeds": len(group),
+            "best val reward": recording.mean_spread(group.best_val_reward),
+            "test acc": recording.mean_spread(group.test_accuracy),
+            "Δ test": recording.mean_spread(group.delta_test, signed=True),
+            "FLOP ratio": group.flops_ratio.mean(),
+            "param ratio": group.params_ratio.mean(),
+            "latency b1 ms (speed-up)": _latency(group, "batch1", 2),
+            "latency b64 ms (speed-up)": _latency(group, "batch64", 1),
+            "FLOP speed-up": 1 / group.flops_ratio.mean(),
+            "search s": group.search_seconds.mean(),
+            "reward evals": int(group.reward_evaluations.mean()),
+        }
+        for (budget, method), group in frame.groupby(["budget", "method"], sort=False)
     ]
-    for (budget, method), group in frame.groupby(["budget", "method"], sort=False):
-        lines.append(
-            f"| {budget:g} | {method} | {len(group)} | {_fmt(group.best_val_reward, 4)} | "
-            f"{_fmt(group.test_accuracy, 4)} | {_fmt(group.delta_test, 4, signed=True)} | "
-            f"{group.flops_ratio.mean():.3f} | {group.params_ratio.mean():.3f} | "
-            f"{group.latency_batch1_ms.median():.2f} ({group.latency_batch1_speedup.median():.2f}x) | "
-            f"{group.latency_batch64_ms.median():.1f} ({group.latency_batch64_speedup.median():.2f}x) | "
-            f"{1 / group.flops_ratio.mean():.2f}x | {group.search_seconds.mean():.0f} | "
-            f"{int(group.reward_evaluations.mean())} |"
-        )
-    return "\n".join(lines)
+    formats = {
+        "budget": "g",
+        "FLOP ratio": ".3f",
+        "param ratio": ".3f",
+        "FLOP speed-up": lambda x: f"{x:.2f}x",
+        "search s": ".0f",
+    }
+    return recording.markdown(pd.DataFrame(rows), formats)
 
 
 def cost_table(frame: pd.DataFrame) -> str:
-    lines = [
-        "| budget | method | episodes | decompose | BN + fine-tune | evaluate | agent | env | total | env + agent share |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    """One row per budget and method: mean seconds per episode by phase, and the env + agent share."""
+    rows = []
     for (budget, method), group in frame.groupby(["budget", "method"], sort=False):
-        mean = {
-            k: group[f"episode_{k}_s"].mean()
-            for k in ("decompose", "finetune", "evaluate", "agent", "env", "total")
-        }
-        share = (mean["agent"] + mean["env"]) / mean["total"] if mean["total"] else float("nan")
-        lines.append(
-            f"| {budget:g} | {method} | {int(group.reward_evaluations.mean())} | {mean['decompose']:.3f} | "
-            f"{mean['finetune']:.3f} | {mean['evaluate']:.3f} | {mean['agent']:.3f} | {mean['env']:.3f} | "
-            f"{mean['total']:.3f} | {share:.1%} |"
+        mean = {k: group[f"episode_{k}_s"].mean() for k in EPISODE_TIMES}
+        rows.append(
+            {
+                "budget": budget,
+                "method": method,
+                "episodes": int(group.reward_evaluations.mean()),
+                "decompose": mean["decompose"],
+                "BN + fine-tune": mean["finetune"],
+                "evaluate": mean["evaluate"],
+                "agent": mean["agent"],
+                "env": mean["env"],
+                "total": mean["total"],
+                "env + agent share": (mean["agent"] + mean["env"]) / mean["total"] if mean["total"] else None,
+            }
         )
-    return "\n".join(lines)
+    return recording.markdown(pd.DataFrame(rows), {"budget": "g", "env + agent share": ".1%"}, digits=3)
 
 
 def correlation_text(frame: pd.DataFrame) -> str:

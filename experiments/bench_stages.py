@@ -10,12 +10,15 @@ Run from the repository root::
 
     python experiments/bench_stages.py
     python experiments/bench_stages.py --episodes 90 --epochs 6 --device cuda
+    python experiments/bench_stages.py --dataset digits --model tiny --episodes 2 --stages 2 \
+        --epochs 0.2 --no-append   # a smoke test on the embedded data
 """
 
 from __future__ import annotations
 
 import argparse
 
+import pandas as pd
 import recording
 
 
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = single.report["dense"]
     lines = [
         *session.header(
-            f"Multi-stage vs one stage ({args.model}, CIFAR-10, --flops {args.flops:g})",
+            f"Multi-stage vs one stage ({args.model}, {recording.DATASETS[args.dataset]}, --flops {args.flops:g})",
             args.device,
             single.report["device"],
         ),
@@ -64,31 +67,51 @@ def main(argv: list[str] | None = None) -> int:
         "geometric budgets); dense test accuracy "
         f"{dense['test_accuracy']:.4f}",
         "",
-        "| run | stage | budget | FLOP ratio | param ratio | best val reward | val acc after fine-tune | "
-        "episodes | stage wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for run in (single, multi):
-        for stage in run.report["stages"]:
-            lines.append(
-                f"| {run.name} | {stage['stage']} | {stage['budget']:.3f} | {stage['flops_ratio']:.3f} | "
-                f"{stage['params_ratio']:.3f} | {stage['best_reward']:.4f} | {stage['val_accuracy']:.4f} | "
-                f"{stage['episodes']} | {stage['search_seconds'] + stage['finetune_seconds']:.0f} |"
-            )
-    lines += [
+        stage_table([single, multi]),
         "",
-        "| run | test acc | Δ test vs dense | FLOP ratio | reward evals | run wall s |",
-        "|---|---|---|---|---|---|",
+        final_table([single, multi]),
     ]
-    for run in (single, multi):
-        c = run.report["compressed"]
-        lines.append(
-            f"| {run.name} | {c['test_accuracy']:.4f} | {run.report['test_accuracy_delta']:+.4f} | "
-            f"{c['flops_ratio']:.3f} | {run.report['reward_evaluations']} | {run.wall_s:.0f} |"
-        )
     section = "\n".join(lines) + "\n"
     recording.publish(section, append=not args.no_append)
     return 0
+
+
+def stage_table(runs: list[recording.SearchRun]) -> str:
+    """One row per run and stage: budget, cost, best reward, val accuracy after the fine-tune, time."""
+    rows = [
+        {
+            "run": run.name,
+            "stage": stage["stage"],
+            "budget": stage["budget"],
+            "FLOP ratio": stage["flops_ratio"],
+            "param ratio": stage["params_ratio"],
+            "best val reward": stage["best_reward"],
+            "val acc after fine-tune": stage["val_accuracy"],
+            "episodes": stage["episodes"],
+            "stage wall s": stage["search_seconds"] + stage["finetune_seconds"],
+        }
+        for run in runs
+        for stage in run.report["stages"]
+    ]
+    formats = {"budget": ".3f", "FLOP ratio": ".3f", "param ratio": ".3f", "stage wall s": ".0f"}
+    return recording.markdown(pd.DataFrame(rows), formats)
+
+
+def final_table(runs: list[recording.SearchRun]) -> str:
+    """One row per run: test accuracy of the final model, its cost, reward evaluations, wall time."""
+    rows = [
+        {
+            "run": run.name,
+            "test acc": run.report["compressed"]["test_accuracy"],
+            "Δ test vs dense": run.report["test_accuracy_delta"],
+            "FLOP ratio": run.report["compressed"]["flops_ratio"],
+            "reward evals": run.report["reward_evaluations"],
+            "run wall s": run.wall_s,
+        }
+        for run in runs
+    ]
+    formats = {"Δ test vs dense": "+.4f", "FLOP ratio": ".3f", "run wall s": ".0f"}
+    return recording.markdown(pd.DataFrame(rows), formats)
 
 
 if __name__ == "__main__":
