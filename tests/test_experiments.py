@@ -1,0 +1,289 @@
+"""Smoke tests of the benchmark scripts in ``experiments/``: each script's ``main`` at tiny settings.
+
+Every script runs on the embedded digits (``--dataset digits``, ``--model tiny``) or on tiny models,
+with ``--no-append`` and every output under ``tmp_path``; a fixture checks that
+``experiments/RESULTS.md`` and ``experiments/results/`` are left as they were. The searches are
+subprocesses (``python -m rlrank.search``, about 5 s each on 2 cores), run on one thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pandas as pd
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+RESULTS = EXPERIMENTS / "RESULTS.md"
+RESULTS_DIR = EXPERIMENTS / "results"
+
+# rlrank.search options that keep a digits search at a few seconds
+TINY_SEARCH = ["--finetune-steps", "1", "--reward-val-images", "100"]
+
+
+def _snapshot() -> dict[str, str]:
+    """Hashes of RESULTS.md and every file in experiments/results (what the tests must not touch)."""
+    files = [RESULTS, *sorted(RESULTS_DIR.rglob("*"))] if RESULTS_DIR.is_dir() else [RESULTS]
+    return {str(path): hashlib.sha256(path.read_bytes()).hexdigest() for path in files if path.is_file()}
+
+
+@pytest.fixture
+def script(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Callable[[str], ModuleType]]:
+    """Import a benchmark script by name (experiments/ on sys.path, cwd in tmp_path, one thread)."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    monkeypatch.chdir(tmp_path)
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(variable, "1")  # the search subprocesses
+    before = _snapshot()
+    yield importlib.import_module
+    assert _snapshot() == before, "a smoke test changed experiments/RESULTS.md or experiments/results/"
+
+
+def _tables(text: str) -> list[pd.DataFrame]:
+    """Every Markdown table in ``text``, as frames of strings."""
+    tables, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            cells = [[c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]] for row in block]
+            assert all(set(c) <= set("-:") for c in cells[1]), f"not a table rule: {block[1]}"
+            assert all(len(row) == len(cells[0]) for row in cells), block
+            tables.append(pd.DataFrame(cells[2:], columns=cells[0]))
+            block = []
+    return tables
+
+
+def _section(printed: str, title: str) -> str:
+    """The printed Markdown section that starts with ``## title``."""
+    assert f"## {title}" in printed, printed[-2000:]
+    section = printed[printed.index(f"## {title}") :]
+    assert "- command: `" in section and "- device: " in section
+    return section
+
+
+def _complete_runs(out: Path) -> list[str]:
+    return sorted(p.parent.parent.name for p in out.glob("*/*/report.json"))
+
+
+# ------------------------------------------------------------------------------------------
+# recording.py
+# ------------------------------------------------------------------------------------------
+
+
+def test_markdown_renders_a_frame_with_column_formats(script: Callable[[str], ModuleType]) -> None:
+    recording = script("recording")
+    frame = pd.DataFrame(
+        {
+            "method": ["uniform", "a|b"],
+            "budget": [0.5, 0.25],
+            "Δ": [0.01234, float("nan")],
+            "reward": [0.123456, 0.5],
+            "evals": [1, 40],
+            "mean": [recording.mean_spread([0.5]), recording.mean_spread([0.5, 0.7], digits=2)],
+        }
+    )
+    text = recording.markdown(frame, {"budget": "g", "Δ": "+.3f"})
+    assert text.splitlines() == [
+        "| method | budget | Δ | reward | evals | mean |",
+        "|---|---:|---:|---:|---:|---|",
+        "| uniform | 0.5 | +0.012 | 0.1235 | 1 | 0.5000 |",
+        "| a\\|b | 0.25 |  | 0.5000 | 40 | 0.60 ± 0.14 |",
+    ]
+    assert recording.mean_spread([-0.01, -0.03], signed=True) == "-0.0200 ± 0.0141"
+    assert recording.mean_spread([0.01], signed=True) == "+0.0100"
+
+
+def test_dataset_option_replaces_the_shared_data(script: Callable[[str], ModuleType]) -> None:
+    import argparse
+
+    recording = script("recording")
+    parser = argparse.ArgumentParser()
+    recording.add_cifar_options(parser, out="bench-runs/x")
+    cifar = recording.cifar_run_args(parser.parse_args([]))
+    assert cifar[cifar.index("--dataset") + 1] == "imagefolder"
+    assert cifar[cifar.index("--checkpoint") + 1].endswith("resnet20-jpeg.pt")
+    digits = recording.cifar_run_args(parser.parse_args(["--dataset", "digits", "--model", "tiny"]))
+    assert digits[:6] == ["--model", "tiny", "--dataset", "digits", "--dense-epochs", "1"]
+    assert "--checkpoint" not in digits and "--data-dir" not in digits
+    assert digits[digits.index("--finetune-steps") + 1] == "10"
+    with pytest.raises(ValueError, match="unknown benchmark dataset"):
+        recording.data_args("tiny", "mnist")
+
+
+# ------------------------------------------------------------------------------------------
+# the benchmarks that run rlrank.search subprocesses
+# ------------------------------------------------------------------------------------------
+
+
+def test_bench_default(
+    script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    search = [*TINY_SEARCH, "--episodes", "2", "--warmup", "1", "--dense-epochs", "1"]
+    search += ["--final-epochs", "0.1", "--no-latency"]
+    argv = ["--model", "tiny", "--baselines", "uniform", "--out", str(tmp_path / "runs"), "--no-append"]
+    assert script("bench_default").main([*argv, "--search-args", " ".join(search)]) == 0
+    section = _section(capsys.readouterr().out, "Embedded default: DDPG vs baselines (tiny, digits")
+    assert "python -m rlrank.search --model tiny --flops 0.5 --finetune-steps 1" in section
+    (table,) = _tables(section)
+    assert list(table.columns) == [
+        "agent", "seeds", "best val reward", "test acc", "Δ test vs dense", "FLOP ratio",
+        "param ratio", "reward evals", "search s", "run wall s",
+    ]  # fmt: skip
+    assert table["agent"].tolist() == ["ddpg", "uniform"]
+    assert table["reward evals"].tolist() == ["2", "1"]
+    assert _complete_runs(tmp_path / "runs") == ["main-job", "uniform-seed0"]
+
+
+def test_bench_stages(
+    script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--dataset", "digits", "--model", "tiny", "--flops", "0.4", "--stages", "2", "--episodes", "2"]
+    argv += ["--epochs", "0.2", *TINY_SEARCH, "--search-args=--no-latency", "--out", str(tmp_path / "runs")]
+    assert script("bench_stages").main([*argv, "--no-append"]) == 0
+    section = _section(capsys.readouterr().out, "Multi-stage vs one stage (tiny, digits, --flops 0.4)")
+    stages, final = _tables(section)
+    assert list(stages.columns) == [
+        "run", "stage", "budget", "FLOP ratio", "param ratio", "best val reward",
+        "val acc after fine-tune", "episodes", "stage wall s",
+    ]  # fmt: skip
+    assert stages[["run", "stage"]].values.tolist() == [["stages1", "1"], ["stages2", "1"], ["stages2", "2"]]
+    assert stages.groupby("run")["budget"].last().tolist() == ["0.400", "0.400"]  # --flops reaches the search
+    assert list(final.columns) == [
+        "run", "test acc", "Δ test vs dense", "FLOP ratio", "reward evals", "run wall s",
+    ]  # fmt: skip
+    assert final["run"].tolist() == ["stages1", "stages2"]
+    assert final["reward evals"].tolist() == ["2", "2"]
+
+
+def test_bench_policy_reuse(
+    script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--dataset", "digits", "--model", "tiny", "--train-budgets", "0.4,0.6", "--train-episodes", "2"]
+    argv += ["--targets", "0.5", "--variants", "zero-shot", "--final-epochs", "0.1", *TINY_SEARCH]
+    argv += ["--search-args=--no-latency", "--out", str(tmp_path / "runs"), "--no-append"]
+    assert script("bench_policy_reuse").main(argv) == 0
+    section = _section(capsys.readouterr().out, "Policy reuse across budgets (tiny, digits)")
+    assert "- runs: 2 made, 0 complete runs" in section
+    (table,) = _tables(section)
+    assert list(table.columns) == [
+        "budget", "variant", "best val reward", "val acc after fine-tune", "test acc",
+        "Δ test vs dense", "FLOP ratio", "reward evals", "search s",
+    ]  # fmt: skip
+    assert table[["budget", "variant"]].values.tolist() == [["0.5", "zero-shot"]]
+    assert table["reward evals"].tolist() == ["1"]  # the saved policy's deterministic roll-out
+    assert _complete_runs(tmp_path / "runs") == ["flops0.5-zero-shot", "train"]
+
+
+def _selectors_argv(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--dataset", "digits", "--model", "tiny", "--budgets", "0.5", "--seeds", "0", "--episodes", "2",
+        "--final-epochs", "0.1", *TINY_SEARCH, "--csv-dir", str(tmp_path / "csv"),
+        "--out", str(tmp_path / "runs"), "--no-append", *extra,
+    ]  # fmt: skip
+
+
+RESULTS_COLUMNS = [
+    "budget", "method", "seeds", "best val reward", "test acc", "Δ test", "FLOP ratio", "param ratio",
+    "latency b1 ms (speed-up)", "latency b64 ms (speed-up)", "FLOP speed-up", "search s", "reward evals",
+]  # fmt: skip
+COST_COLUMNS = [
+    "budget", "method", "episodes", "decompose", "BN + fine-tune", "evaluate", "agent", "env", "total",
+    "env + agent share",
+]  # fmt: skip
+
+
+def test_bench_selectors(
+    script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _selectors_argv(tmp_path, "--methods", "uniform", "random", "--no-ablations")
+    assert script("bench_selectors").main(argv) == 0
+    section = _section(capsys.readouterr().out, "Rank selectors on digits (tiny, scale cpu)")
+    csv = tmp_path / "csv" / "selectors-cpu.csv"
+    assert f"per-run CSV: `{csv}`" in section
+    frame = pd.read_csv(csv)
+    assert frame[["budget", "method", "seed"]].values.tolist() == [[0.5, "uniform", 0], [0.5, "random", 0]]
+    assert frame["reward_evaluations"].tolist() == [1, 2]
+    results, cost = _tables(section)
+    assert list(results.columns) == RESULTS_COLUMNS
+    assert results[["budget", "method", "seeds"]].values.tolist() == [
+        ["0.5", "uniform", "1"],
+        ["0.5", "random", "1"],
+    ]
+    assert results["FLOP speed-up"].str.endswith("x").all()
+    assert list(cost.columns) == COST_COLUMNS
+    assert cost["env + agent share"].str.endswith("%").all()
+    assert "Too few runs for a reward / final-accuracy correlation." in section
+
+
+@pytest.mark.slow
+def test_bench_selectors_with_ablations_and_correlation(
+    script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _selectors_argv(tmp_path, "--methods", "uniform", "energy", "ddpg", "--tag", "smoke")
+    assert script("bench_selectors").main(argv) == 0
+    section = _section(capsys.readouterr().out, "Rank selectors on digits (tiny, scale cpu)")
+    results, _ = _tables(section)
+    assert results["method"].tolist() == [
+        "uniform",
+        "energy",
+        "ddpg",
+        "uniform+distill",
+        "uniform+data-aware",
+    ]
+    assert "- budget 0.5: Spearman ρ(best val reward, val acc after fine-tune) = " in section
+    assert (tmp_path / "csv" / "selectors-cpu-smoke.csv").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# the benchmarks that run in-process (rlrank internals)
+# ------------------------------------------------------------------------------------------
+
+
+def test_bench_reward_noise(
+    script: Callable[[str], ModuleType], single_thread: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--dataset", "digits", "--model", "tiny", "--rules", "uniform", "energy", "--steps", "1", "2"]
+    argv += ["--seeds", "2", "--reward-val-images", "100", "--device", "cpu", "--no-append"]
+    assert script("bench_reward_noise").main(argv) == 0
+    section = _section(
+        capsys.readouterr().out, "Reward noise of the cheap fine-tune (tiny, digits, --flops 0.5)"
+    )
+    (table,) = _tables(section)
+    assert list(table.columns) == ["SGD steps", "rule", "mean reward", "std over seeds", "min", "max"]
+    assert table[["SGD steps", "rule"]].values.tolist() == [
+        ["1", "uniform"], ["1", "energy"], ["2", "uniform"], ["2", "energy"],
+    ]  # fmt: skip
+    assert "- 1 steps: " in section and " of 2 seeds (order by mean: " in section
+
+
+def test_bench_decompose(
+    script: Callable[[str], ModuleType],
+    single_thread: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    results = tmp_path / "RESULTS.md"
+    argv = ["--models", "tiny", "--repeats", "1", "--results", str(results), "--no-append"]
+    assert script("bench_decompose").main(argv) == 0
+    section = _section(capsys.readouterr().out, "Factor cache: cold vs warm strategy application (tucker2)")
+    (table,) = _tables(section)
+    assert list(table.columns) == [
+        "model", "layers (compressible / all)", "cold s", "warm s", "speed-up", "cold runs s", "warm runs s",
+    ]  # fmt: skip
+    assert table["model"].tolist() == ["tiny"]
+    assert table["speed-up"].str.endswith("x").all()
+    assert not results.exists()
+
+
+def test_every_script_has_a_smoke_test() -> None:
+    scripts = {path.stem for path in EXPERIMENTS.glob("bench_*.py")}
+    tested = {name[len("test_") :] for name in globals() if name.startswith("test_bench_")}
+    assert scripts <= tested, f"no smoke test for {sorted(scripts - tested)}"
+    assert sys.modules[__name__].__doc__
