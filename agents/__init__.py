@@ -1,1 +1,2 @@
-"""Rank-choosing agents of rlrank (installed as ``rlrank.agents``)."""
+"""Rank-choosing agents (installed as ``rlrank.agents``): DDPG, random search and rank rules,
+registered by name for ``--agent`` (:mod:`rlrank.agents.registry`)."""

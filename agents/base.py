@@ -6,6 +6,12 @@ compressed. The search loop calls, per episode::
     agent.begin_episode(episode)
     action = agent.act(obs)            # once per layer
     stats = agent.end_episode(transitions, reward)
+    row.phase = agent.phase(episode)
+
+and, around the episodes, :meth:`Agent.save` / :meth:`Agent.restore` (a learned policy and what a
+resume needs beyond :meth:`Agent.state_dict`) and :meth:`Agent.greedy` (the deterministic roll-out of
+a learned policy). The defaults fit an agent that learns nothing, so the loop never asks which kind
+of agent it drives.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +67,26 @@ class Agent(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Restore what :meth:`state_dict` returned."""
 
+    def phase(self, episode: int) -> str:
+        """What ``episode`` is for this agent, for the episode log (``center``, ``random``, ...)."""
+        return "search"
+
+    def greedy(self) -> Agent | None:
+        """A player of the agent's learned deterministic policy (no exploration, no learning), or
+        ``None`` when the agent has no policy to roll out."""
+        return None
+
+    def save(self, directory: str | Path, metadata: dict[str, Any]) -> bool:
+        """Write what the agent learned (networks, replay buffer) into ``directory``.
+
+        Returns:
+            Whether anything was written (agents that learn nothing write nothing).
+        """
+        return False
+
+    def restore(self, directory: str | Path) -> None:  # noqa: B027 - optional hook
+        """Load what :meth:`save` wrote into this agent (resuming a search)."""
+
 
 class RandomAgent(Agent):
     """Random search: every action uniform in ``[-spread, spread]`` (the env's action wall keeps the
@@ -84,6 +111,9 @@ class RandomAgent(Agent):
 
     def begin_episode(self, episode: int) -> None:
         self.episode = episode
+
+    def phase(self, episode: int) -> str:
+        return "center" if episode == 0 and self.start_at_center else "random"
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         if self.start_at_center and self.episode == 0:
@@ -116,6 +146,9 @@ class FixedStrategyAgent(Agent):
 
     def begin_episode(self, episode: int) -> None:
         self._step = 0
+
+    def phase(self, episode: int) -> str:
+        return "rule"
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         action = self.actions[min(self._step, len(self.actions) - 1)]

@@ -20,7 +20,6 @@ warm-up and noise follow AMC. Policies are saved as tensors plus JSON (no pickle
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,16 +37,17 @@ from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from stable_baselines3.common.utils import update_learning_rate
 
 from rlrank.agents.base import Agent, Transition
-from rlrank.atomic import atomic_write, save_torch, write_json
+from rlrank.agents.policy_files import (
+    PolicyError,
+    read_networks,
+    read_policy_metadata,
+    read_replay,
+    write_policy_files,
+)
 
 logger = logging.getLogger(__name__)
 
-POLICY_FORMAT = "rlrank-policy/1"
 CREDITS = ("copy", "bootstrap")
-
-
-class PolicyError(ValueError):
-    """A saved policy that is missing, unreadable or does not fit what it is applied to."""
 
 
 @dataclass
@@ -246,6 +246,14 @@ class DDPGAgent(Agent):
     def begin_episode(self, episode: int) -> None:
         self.episode = episode
 
+    def phase(self, episode: int) -> str:
+        if episode == 0 and self.start_at_center:
+            return "center"
+        return "warmup" if episode < self.config.warmup else "explore"
+
+    def greedy(self) -> Agent:
+        return GreedyPolicy(self)
+
     def policy_action(self, obs: np.ndarray) -> float:
         """The actor's deterministic action for ``obs``."""
         with _one_thread():
@@ -301,6 +309,37 @@ class DDPGAgent(Agent):
         return stats
 
     # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | Path, metadata: dict[str, Any]) -> bool:
+        """Save as ``policy.pt`` (tensors), ``policy.json`` (``metadata``, config, counters) and
+        ``replay.npz`` (the replay buffer), each written atomically (see :mod:`rlrank.agents.policy_files`).
+
+        Args:
+            directory: Folder to write into (created).
+            metadata: What the policy was trained on: ``model``, ``decomposition``,
+                ``observation_features``, ``layers``, ``budgets`` ... (checked by
+                :func:`~rlrank.agents.policy_files.check_policy_fits`).
+        """
+        write_policy_files(
+            directory,
+            self.network_state(),
+            self.buffer_arrays(),
+            {
+                **metadata,
+                "observation_dim": int(self.observation_space.shape[0]),
+                "ddpg": asdict(self.config),
+                "seed": self.seed,
+                "state": self.state_dict(),
+            },
+        )
+        return True
+
+    def restore(self, directory: str | Path) -> None:
+        """Load the networks, optimizers and replay buffer that :meth:`save` wrote (resuming)."""
+        self.load_network_state(read_networks(directory))
+        arrays = read_replay(directory)
+        if arrays is not None:
+            self.load_buffer_arrays(arrays)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -372,94 +411,26 @@ class DDPGAgent(Agent):
         b.full = bool(arrays["full"]) and n == b.buffer_size
 
 
+class GreedyPolicy(Agent):
+    """A DDPG agent's deterministic policy, without exploration or learning (a policy's roll-out)."""
+
+    name = "policy"
+    episodes_needed = 1
+
+    def __init__(self, ddpg: DDPGAgent) -> None:
+        self.ddpg = ddpg
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return np.array([self.ddpg.policy_action(obs)], dtype=np.float32)
+
+    def phase(self, episode: int) -> str:
+        return "policy"
+
+
 def save_policy(directory: str | Path, agent: DDPGAgent, metadata: dict[str, Any]) -> Path:
-    """Save a DDPG agent as ``policy.pt`` (tensors), ``policy.json`` (metadata, config, counters)
-    and ``replay.npz`` (the replay buffer), each written atomically.
-
-    Args:
-        directory: Folder to write into (created).
-        agent: The agent.
-        metadata: What the policy was trained on: ``model``, ``decomposition``,
-            ``observation_features``, ``layers``, ``budgets`` ... (checked by :func:`check_policy_fits`).
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_torch(directory / "policy.pt", agent.network_state())
-    arrays = agent.buffer_arrays()
-    atomic_write(directory / "replay.npz", lambda h: np.savez(h, **arrays))
-    write_json(
-        directory / "policy.json",
-        {
-            "format": POLICY_FORMAT,
-            **metadata,
-            "observation_dim": int(agent.observation_space.shape[0]),
-            "ddpg": asdict(agent.config),
-            "seed": agent.seed,
-            "state": agent.state_dict(),
-        },
-    )
-    return directory
-
-
-def read_policy_metadata(directory: str | Path) -> dict[str, Any]:
-    """Read ``policy.json`` of a saved policy.
-
-    Raises:
-        PolicyError: Missing or unreadable, or not an rlrank policy.
-    """
-    path = Path(directory) / "policy.json"
-    if not path.is_file():
-        raise PolicyError(f"no saved policy in {directory} (policy.json missing)")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PolicyError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != POLICY_FORMAT:
-        raise PolicyError(f"{path} is not an rlrank policy (expected format {POLICY_FORMAT})")
-    return meta
-
-
-def check_policy_fits(
-    meta: dict[str, Any],
-    observation_features: Sequence[str],
-    decomposition: str,
-    model: str,
-    action_space: str = "relative",
-    action_center: str = "uniform",
-) -> str | None:
-    """Check a saved policy against what it is applied to.
-
-    Returns:
-        ``None`` when it fits as is, or a warning when it was trained on another model with the
-        same observation layout.
-
-    Raises:
-        PolicyError: Another observation layout, decomposition or action space.
-    """
-    saved = list(meta.get("observation_features", []))
-    if saved != list(observation_features):
-        raise PolicyError(
-            f"policy observation layout {saved} does not match this environment's {list(observation_features)}"
-        )
-    if meta.get("decomposition") != decomposition:
-        raise PolicyError(
-            f"policy was trained for decomposition {meta.get('decomposition')!r}, not {decomposition!r}"
-        )
-    saved_actions = meta.get("action_space", "absolute")
-    if saved_actions != action_space:
-        raise PolicyError(
-            f"policy was trained with --action-space {saved_actions}, not {action_space} "
-            f"(pass --action-space {saved_actions})"
-        )
-    saved_center = meta.get("action_center", "uniform")
-    if saved_center != action_center:
-        raise PolicyError(
-            f"policy was trained with --action-center {saved_center}, not {action_center} "
-            f"(pass --action-center {saved_center})"
-        )
-    if meta.get("model") != model:
-        return f"policy was trained on model {meta.get('model')!r}, applying it to {model!r} (same observation layout)"
-    return None
+    """Save ``agent`` into ``directory`` (:meth:`DDPGAgent.save`) and return the folder."""
+    agent.save(directory, metadata)
+    return Path(directory)
 
 
 def load_policy(
@@ -468,17 +439,19 @@ def load_policy(
     action_space: gym.spaces.Box,
     with_buffer: bool = True,
     config: DDPGConfig | None = None,
+    restart: bool = False,
 ) -> tuple[DDPGAgent, dict[str, Any]]:
-    """Rebuild a DDPG agent from :func:`save_policy`'s files (tensors with ``weights_only=True``,
+    """Rebuild a DDPG agent from :meth:`DDPGAgent.save`'s files (tensors with ``weights_only=True``,
     arrays with ``allow_pickle=False``: nothing from the files is executed).
 
     Args:
+        directory: The policy folder, or any file inside it.
         config: Hyperparameters to continue with (default: the saved ones).
+        restart: Count episodes from 0 again (continuing a saved policy in a new search).
 
     Returns:
         The agent (counters and RNG restored) and the saved metadata.
     """
-    directory = Path(directory)
     meta = read_policy_metadata(directory)
     if int(meta.get("observation_dim", -1)) != int(observation_space.shape[0]):
         raise PolicyError(
@@ -490,19 +463,12 @@ def load_policy(
         config or DDPGConfig.from_dict(meta["ddpg"]),
         int(meta.get("seed", 0)),
     )
-    try:
-        state = torch.load(directory / "policy.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PolicyError(
-            f"cannot read {directory / 'policy.pt'}: {str(exc).strip().splitlines()[0]}"
-        ) from exc
-    agent.load_network_state(state)
+    agent.load_network_state(read_networks(directory))
     agent.load_state_dict(meta["state"])
-    replay = directory / "replay.npz"
-    if with_buffer and replay.is_file():
-        try:
-            with np.load(replay, allow_pickle=False) as arrays:
-                agent.load_buffer_arrays({k: arrays[k] for k in arrays.files})
-        except (OSError, ValueError, KeyError) as exc:
-            raise PolicyError(f"cannot read {replay}: {exc}") from exc
+    if restart:
+        agent.episode = 0
+    if with_buffer:
+        arrays = read_replay(directory)
+        if arrays is not None:
+            agent.load_buffer_arrays(arrays)
     return agent, meta

@@ -13,19 +13,24 @@ The selectors only see numbers: the singular values of each layer's unfoldings a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from rlrank.errors import UserError
+
 CostFn = Callable[[np.ndarray], float]
 """Maps one rank ratio per layer to the fraction of the dense model's FLOPs kept."""
 
 SELECTORS = ("uniform", "energy", "vbmf")
 
+logger = logging.getLogger(__name__)
 
-class SelectorError(ValueError):
+
+class SelectorError(UserError):
     """No setting of the selector's knob meets the budget."""
 
 
@@ -158,3 +163,34 @@ def vbmf_ratios(spectra: Spectra, cost: CostFn, budget: float) -> tuple[np.ndarr
 
     complement = _largest_within(make, cost, budget, 0.0, w_max)
     return make(complement), w_max - complement
+
+
+def rule_ratios(
+    rule: str, n_layers: int, cost: CostFn, budget: float, min_ratio: float, spectra: Callable[[], Spectra]
+) -> tuple[np.ndarray, float]:
+    """A rule's per-layer ratios at ``budget``: its one knob turned until the budget is met.
+
+    Args:
+        rule: ``uniform``, ``energy`` or ``vbmf``.
+        n_layers: Layers (steps) to choose ratios for.
+        cost: Ratios -> kept FLOP fraction.
+        budget: The FLOP fraction to keep at most.
+        min_ratio: The smallest ratio (``uniform``'s lower end).
+        spectra: Called once by the spectral rules: per layer, per unfolding, the singular values
+            and the matrix shape.
+
+    Returns:
+        The ratios and the knob's value.
+
+    Raises:
+        SelectorError: Unknown rule, or no knob setting meets the budget.
+    """
+    if rule == "uniform":
+        ratios, knob = uniform_ratios(n_layers, cost, budget, min_ratio)
+    elif rule in ("energy", "vbmf"):
+        select = energy_ratios if rule == "energy" else vbmf_ratios
+        ratios, knob = select(spectra(), cost, budget)
+    else:
+        raise SelectorError(f"unknown rule {rule!r}; known: {', '.join(SELECTORS)}")
+    logger.info("%s selector: knob %.4f keeps %.4f of the FLOPs", rule, knob, cost(ratios))
+    return ratios, knob

@@ -11,7 +11,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rlrank.decompose import (
+from rlrank.errors import UserError
+from rlrank.layers import LayerInfo
+from rlrank.planning import (
     LayerPlan,
     check_decomposition,
     current_ratio,
@@ -20,7 +22,6 @@ from rlrank.decompose import (
     min_ratio_reaching,
     plan_layer,
 )
-from rlrank.flops import LayerInfo
 
 OBSERVATION_FEATURES = (
     "layer_index",
@@ -52,7 +53,7 @@ FAIR_GRID = 512
 """Ratios at which each layer's MACs are tabulated for the fair ratio (linear in [min_ratio, 1])."""
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError):
     """The FLOP budget cannot be met even with every layer at its minimum rank ratio.
 
     Attributes:
@@ -148,7 +149,7 @@ class RankSearchEnv(gym.Env):
     at its largest ratio, so no episode wastes budget either: the agent decides how the budget is
     shared between layers, not how much of it to use (a measured improvement over AMC's single
     wall for accuracy rewards, see ``experiments/RESULTS.md``). The ratio picks integer ranks
-    through :func:`rlrank.decompose.ratio_to_ranks`; a ratio whose factorization would not save
+    through :func:`rlrank.planning.ratio_to_ranks`; a ratio whose factorization would not save
     MACs leaves the layer dense.
 
     ## Observation Space
@@ -182,7 +183,7 @@ class RankSearchEnv(gym.Env):
 
     ## Arguments
 
-    * ``layers``: every conv / linear layer of the model (:func:`rlrank.decompose.describe_layers`);
+    * ``layers``: every conv / linear layer of the model (:func:`rlrank.describe.describe_layers`);
       those that no rank makes cheaper (grouped convs) are fixed costs, not steps.
     * ``evaluator``: callable pricing a strategy (a list of :class:`LayerPlan`), returning an
       :class:`Evaluation`; tests inject a stub.

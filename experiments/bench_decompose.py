@@ -3,7 +3,7 @@
 For each model (built for 32x32 inputs, i.e. ResNet-18 with its CIFAR stem; random initialization,
 since the weights do not change the cost of an SVD or of building modules):
 
-* **cold**: construct a :class:`rlrank.decompose.FactorCache`, ``prepare_all()`` (every layer's
+* **cold**: construct a :class:`rlrank.factor_cache.FactorCache`, ``prepare_all()`` (every layer's
   SVDs), plan a random rank vector (one ratio per layer, uniform in [0.1, 0.9]) and
   ``decompose_model`` -- what the first episode of a search pays;
 * **warm**: plan a new random rank vector and ``decompose_model`` with the same cache -- what every
@@ -37,8 +37,11 @@ import pandas as pd
 import recording
 import torch
 
-from rlrank.decompose import FactorCache, decompose_model, describe_layers, is_compressible, plan_layer
+from rlrank.describe import describe_layers
+from rlrank.factor_cache import FactorCache
 from rlrank.models import ModelSpec, build_model
+from rlrank.planning import is_compressible, plan_layer
+from rlrank.surgery import decompose_model
 
 INPUT_SIZE = 32
 RATIO_RANGE = (0.1, 0.9)

@@ -28,12 +28,14 @@ import time
 import pandas as pd
 import recording
 
-from rlrank.decompose import FactorCache, is_compressible
 from rlrank.envs import RankSearchEnv
+from rlrank.factor_cache import FactorCache
 from rlrank.finetune import FinetuneConfig
-from rlrank.pipeline import prepare, rule_ratios
+from rlrank.planning import is_compressible
+from rlrank.preflight import prepare
 from rlrank.reward import RewardEvaluator
 from rlrank.search import build_parser, config_from_args
+from rlrank.stage import rule_strategy
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     rewards: dict[tuple[str, int], list[float]] = {}
     seconds = []
     for rule in args.rules:
-        ratios, _ = rule_ratios(rule, env, cache, config.min_ratio)
+        ratios = rule_strategy(rule, env, cache, config.min_ratio)
         plans = env.plan(ratios)
         for n_steps, seed in itertools.product(args.steps, range(args.seeds)):
             finetune = FinetuneConfig(

@@ -16,7 +16,7 @@ def __getattr__(name: str) -> Any:
     can be imported without importing torch.
     """
     if name in ("load", "save"):
-        from rlrank import decompose
+        from rlrank import model_file
 
-        return getattr(decompose, name)
+        return getattr(model_file, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,10 @@
-"""The resolved configuration of one search: every command-line option, as a dataclass.
+"""The resolved configuration of one search: every command-line option, declared once, as a field.
 
-Defaults are sized for the embedded default (ResNet-18 on scikit-learn's 8x8 digits), so that
-``python -m rlrank.search --model resnet18 --flops 0.5`` finishes in minutes on a laptop CPU.
-For real data sets raise ``episodes``, ``warmup``, ``finetune_steps`` and the epoch counts.
+Each field carries its ``--help`` text, group and value type (:func:`rlrank.options.option`);
+``rlrank-search``'s parser is generated from them. Defaults are sized for the embedded default
+(ResNet-18 on scikit-learn's 8x8 digits), so that ``python -m rlrank.search --model resnet18 --flops
+0.5`` finishes in minutes on a laptop CPU. For real data sets raise ``episodes``, ``warmup``,
+``finetune_steps`` and the epoch counts. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -10,7 +12,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-AGENTS = ("ddpg", "random", "uniform", "energy", "vbmf")
+from rlrank.options import count, epochs, fraction, fractions, option, positive, positive_float
+
+MODEL_AND_DATA = "model and data"
+BUDGET = "budget and decomposition"
+SEARCH = "search"
+REWARD = "reward: the cheap fine-tune of every episode"
+TRAINING = "training"
+STAGES = "multi-stage compression"
+POLICY = "policy reuse"
+RUN = "run"
 
 
 @dataclass
@@ -18,64 +29,188 @@ class SearchConfig:
     """Everything a search needs; written to ``config.json`` in the run folder.
 
     Attributes are grouped as on the command line: model and data, budget and decomposition,
-    search, reward (cheap fine-tune), training, multi-stage, policy reuse, run.
+    search, reward (cheap fine-tune), training, multi-stage, policy reuse, run; each field's
+    metadata holds its ``--help`` text.
     """
 
     # model and data
-    model: str = "resnet18"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    val_size: float | None = None
-    split_seed: int = 0
-    checkpoint: str | None = None
-    pretrained: bool = False
+    model: str = option(
+        "resnet18",
+        group=MODEL_AND_DATA,
+        choices="rlrank.models:list_models",
+        metavar="NAME",
+        help="architecture: {choices}",
+    )
+    dataset: str = option(
+        "digits",
+        group=MODEL_AND_DATA,
+        choices="rlrank.data:DATASETS",
+        help="digits (embedded, offline), cifar10 or imagefolder",
+    )
+    data_dir: str | None = option(
+        None,
+        group=MODEL_AND_DATA,
+        help="data folder (cifar10: torchvision's files; imagefolder: DIR/train, DIR/test, or a .tar.gz of them)",
+    )
+    download: bool = option(False, group=MODEL_AND_DATA, help="download CIFAR-10 if missing (needs internet)")
+    val_size: float | None = option(
+        None,
+        group=MODEL_AND_DATA,
+        type=float,
+        help="validation images held out of train: a fraction (<1) or a count (default: 0.2 for digits, 5000 otherwise)",
+    )
+    split_seed: int = option(
+        0,
+        group=MODEL_AND_DATA,
+        type=int,
+        help="seed of the train/val split, kept apart from --seed so that runs with several seeds "
+        "share one held-out set",
+    )
+    checkpoint: str | None = option(
+        None,
+        group=MODEL_AND_DATA,
+        metavar="PATH",
+        help="trained weights: a state dict or {'state_dict': ...}, 'module.' prefix allowed",
+    )
+    pretrained: bool = option(False, group=MODEL_AND_DATA, help="start from published weights (needs internet)")
     # budget and decomposition
-    flops: float = 0.5
-    decomposition: str = "tucker2"
-    hooi_iters: int = 0
-    data_aware: bool = False
-    data_aware_batches: int = 8
-    min_ratio: float = 0.05
-    fill_budget: bool = True
-    action_space: str = "relative"
-    action_center: str = "uniform"
+    flops: float = option(
+        0.5, group=BUDGET, type=fraction, help="keep at most this fraction of the dense model's MACs"
+    )
+    decomposition: str = option(
+        "tucker2",
+        group=BUDGET,
+        choices="rlrank.methods:list_methods",
+        help="factorization of kxk convs; 1x1 convs and linear layers use SVD",
+    )
+    hooi_iters: int = option(
+        0, group=BUDGET, type=count, help="HOOI sweeps refining each Tucker-2 truncation"
+    )
+    data_aware: bool = option(
+        False,
+        group=BUDGET,
+        help="fit each layer's output factor to its responses on training images, not to its weights alone",
+    )
+    data_aware_batches: int = option(
+        8, group=BUDGET, type=positive, help="training batches observed for --data-aware"
+    )
+    min_ratio: float = option(0.05, group=BUDGET, type=fraction, help="smallest rank ratio of a layer")
+    fill_budget: bool = option(
+        True,
+        group=BUDGET,
+        help="let episodes leave budget unused (AMC's single action wall); by default a lower wall "
+        "makes every episode spend its whole budget",
+    )
+    action_space: str = option(
+        "relative",
+        group=BUDGET,
+        choices=("relative", "absolute"),
+        help="relative: an action scales the ratio that would share the budget left evenly "
+        "(0 = uniform); absolute: AMC's linear map onto [min-ratio, 1]",
+    )
+    action_center: str = option(
+        "uniform",
+        group=BUDGET,
+        choices=("uniform", "energy", "vbmf"),
+        help="with --action-space relative: the strategy that action 0 plays, the uniform one or a "
+        "rule's, rescaled to the budget left at each step",
+    )
     # search
-    agent: str = "ddpg"
-    episodes: int = 100
-    warmup: int = 25
-    spread: float = 1.0
-    start_at_center: bool = True
-    noise: float = 0.5
-    noise_decay: float = 0.95
-    credit: str = "copy"
-    reward: str = "acc"
+    agent: str = option(
+        "ddpg",
+        group=SEARCH,
+        choices="rlrank.agents.registry:list_agents",
+        help="ddpg, random search, or a rule: uniform, energy, vbmf",
+    )
+    episodes: int = option(100, group=SEARCH, type=count, help="episodes (reward evaluations) per stage")
+    warmup: int = option(25, group=SEARCH, type=count, help="DDPG warm-up episodes of random actions")
+    spread: float = option(
+        1.0,
+        group=SEARCH,
+        type=fraction,
+        help="random actions (random search, DDPG warm-up) are uniform in [-S, S]",
+    )
+    start_at_center: bool = option(
+        True,
+        group=SEARCH,
+        help="with relative actions, episode 0 of ddpg and random search plays the center strategy "
+        "(action 0: uniform or --action-center's rule), so a search never ends below it; this turns that off",
+    )
+    noise: float = option(0.5, group=SEARCH, type=float, help="initial exploration noise, AMC's units")
+    noise_decay: float = option(0.95, group=SEARCH, type=fraction, help="per-episode noise decay")
+    credit: str = option(
+        "copy",
+        group=SEARCH,
+        choices=("copy", "bootstrap"),
+        help="copy the final reward to every step (AMC) or bootstrap",
+    )
+    reward: str = option(
+        "acc", group=SEARCH, choices="rlrank.envs:REWARDS", help="acc, or AMC's -error*log(FLOPs)"
+    )
     # reward: the cheap fine-tune
-    finetune_steps: int = 10
-    finetune_lr: float = 0.01
-    finetune_batch_size: int = 64
-    bn_batches: int = 4
-    reward_val_images: int = 0
+    finetune_steps: int = option(10, group=REWARD, type=count, help="SGD steps after BN re-estimation")
+    finetune_lr: float = option(0.01, group=REWARD, type=positive_float, help="")
+    finetune_batch_size: int = option(64, group=REWARD, type=positive, help="")
+    bn_batches: int = option(
+        4, group=REWARD, type=count, help="batches re-estimating BatchNorm statistics"
+    )
+    reward_val_images: int = option(
+        0, group=REWARD, type=count, help="validation images per reward, 0 = all"
+    )
     # training: dense model (when no checkpoint) and final fine-tune
-    dense_epochs: float = 10.0
-    dense_lr: float = 0.05
-    final_epochs: float = 5.0
-    final_lr: float = 0.01
-    batch_size: int = 64
-    distill: float = 0.5
+    dense_epochs: float = option(
+        10.0, group=TRAINING, type=epochs, help="epochs training the dense model when no --checkpoint"
+    )
+    dense_lr: float = option(0.05, group=TRAINING, type=positive_float, help="")
+    final_epochs: float = option(
+        5.0, group=TRAINING, type=epochs, help="fine-tune epochs of the final compressed model"
+    )
+    final_lr: float = option(0.01, group=TRAINING, type=positive_float, help="")
+    batch_size: int = option(64, group=TRAINING, type=positive, help="")
+    distill: float = option(
+        0.5,
+        group=TRAINING,
+        type=float,
+        help="weight of distillation from the dense model in the stage and final fine-tunes, 0 = off; "
+        "on by default since it measurably helps (experiments/RESULTS.md)",
+    )
     # multi-stage
-    stages: int = 1
-    stage_budgets: list[float] | None = None
-    stage_epochs: float = 2.0
+    stages: int = option(
+        1, group=STAGES, type=positive, help="search -> decompose -> fine-tune stages"
+    )
+    stage_budgets: list[float] | None = option(
+        None,
+        group=STAGES,
+        type=fractions,
+        help="each stage's budget, e.g. 0.8,0.65,0.5 (default: geometric, ending at --flops)",
+    )
+    stage_epochs: float = option(
+        2.0, group=STAGES, type=epochs, help="fine-tune epochs after every stage but the last"
+    )
     # policy reuse
-    train_budgets: list[float] | None = None
-    policy: str | None = None
+    train_budgets: list[float] | None = option(
+        None,
+        group=POLICY,
+        type=fractions,
+        help="train one DDPG policy across these budgets, cycled per episode, e.g. 0.3,0.5,0.7",
+    )
+    policy: str | None = option(
+        None,
+        group=POLICY,
+        metavar="PATH",
+        help="a saved policy (runs/X/stage-1/policy, or a file in it): --episodes 0 rolls it out once, "
+        "N continues training",
+    )
     # run
-    device: str = "auto"
-    seed: int = 0
-    out: str = "runs"
-    checkpoint_every: int = 1
-    latency: bool = True
+    device: str = option("auto", group=RUN, help="auto, cpu or cuda")
+    seed: int = option(
+        0, group=RUN, type=int, help="seed of the agent, fine-tunes and dense training"
+    )
+    out: str = option("runs", group=RUN, help="folder for run folders")
+    checkpoint_every: int = option(
+        1, group=RUN, type=positive, help="episodes between resume checkpoints"
+    )
+    latency: bool = option(True, group=RUN, help="skip the latency measurement of the report")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

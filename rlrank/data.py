@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlrank.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DATASETS = ("digits", "cifar10", "imagefolder")
@@ -35,7 +37,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data set that cannot be found or read."""
 
 

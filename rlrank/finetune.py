@@ -19,15 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlrank.data import DataSplits, ImageSplit
+from rlrank.errors import RunFailure, UserError
 
 logger = logging.getLogger(__name__)
 
 
-class NumericalFault(RuntimeError):
+class NumericalFault(RunFailure):
     """A loss or a weight became NaN or infinite."""
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError):
     """A device that does not exist here."""
 
 

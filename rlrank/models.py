@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlrank.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 SMALL_INPUT = 64
@@ -53,7 +55,7 @@ class ModelSpec:
         return cls(**{k: data[k] for k in ("name", "num_classes", "in_channels", "input_size")})
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model name, checkpoint or set of weights that cannot be used."""
 
 

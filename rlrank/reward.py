@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from rlrank.data import DataSplits
-from rlrank.decompose import FactorCache, LayerPlan, decompose_model
 from rlrank.envs import Evaluation
+from rlrank.factor_cache import FactorCache
 from rlrank.finetune import FinetuneConfig, NumericalFault, evaluate, finetune_steps, reestimate_bn
+from rlrank.planning import LayerPlan
+from rlrank.surgery import decompose_model
 
 logger = logging.getLogger(__name__)
 

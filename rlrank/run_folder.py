@@ -27,15 +27,37 @@ import time
 from pathlib import Path
 from typing import IO
 
+from rlrank.errors import UserError
 
-class RunFolderError(ValueError):
+# The names of everything a run folder holds: the one place they are spelled (the pipeline, the
+# analysis and the experiments all use these).
+CONFIG_FILE = "config.json"
+DENSE_MODEL_FILE = "dense.pt"
+DENSE_INFO_FILE = "dense.json"
+MODEL_FILE = "model.pt"
+REPORT_FILE = "report.json"
+EPISODES_FILE = "episodes.jsonl"
+BEST_STRATEGY_FILE = "best_strategy.json"
+POLICY_DIR = "policy"
+STAGE_RESULT_FILE = "result.json"
+CHECKPOINT_POINTER_FILE = "checkpoint.json"
+LOCK_FILE = ".lock"
+STAGE_DIR_PREFIX = "stage-"
+
+
+def stage_dir_name(k: int) -> str:
+    """The folder of stage ``k`` (1-based) inside a run folder."""
+    return f"{STAGE_DIR_PREFIX}{k}"
+
+
+class RunFolderError(UserError):
     """A run folder that cannot be created, is in use, or is not a run."""
 
 
 class RunFolder:
     """A run folder and, while held, its exclusive lock (``flock``, released when the process dies)."""
 
-    LOCK = ".lock"
+    LOCK = LOCK_FILE
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -78,8 +100,8 @@ class RunFolder:
         path = Path(path)
         if not path.is_dir():
             raise RunFolderError(f"run folder not found: {path}")
-        if not (path / "config.json").is_file():
-            raise RunFolderError(f"{path} is not an rlrank run folder (no config.json)")
+        if not (path / CONFIG_FILE).is_file():
+            raise RunFolderError(f"{path} is not an rlrank run folder (no {CONFIG_FILE})")
         return cls(path)
 
     # ------------------------------------------------------------------ lock
@@ -122,13 +144,13 @@ class RunFolder:
     # ------------------------------------------------------------------ paths
 
     def stage(self, k: int) -> Path:
-        path = self.path / f"stage-{k}"
+        path = self.path / stage_dir_name(k)
         path.mkdir(exist_ok=True)
         return path
 
     @property
     def complete(self) -> bool:
-        return (self.path / "report.json").is_file()
+        return (self.path / REPORT_FILE).is_file()
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name

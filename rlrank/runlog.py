@@ -21,9 +21,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlrank.run_folder import EPISODES_FILE
+
 logger = logging.getLogger(__name__)
 
-EPISODES_FILE = "episodes.jsonl"
+__all__ = ["EPISODES_FILE", "append_row", "read_rows", "truncate_rows"]
 
 
 def append_row(path: str | Path, row: dict[str, Any]) -> None:

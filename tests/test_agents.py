@@ -10,16 +10,8 @@ import pytest
 import torch
 
 from rlrank.agents.base import FixedStrategyAgent, RandomAgent, Transition
-from rlrank.agents.ddpg import (
-    DDPGAgent,
-    DDPGConfig,
-    PolicyError,
-    check_policy_fits,
-    load_policy,
-    read_policy_metadata,
-    save_policy,
-    truncated_normal,
-)
+from rlrank.agents.ddpg import DDPGAgent, DDPGConfig, load_policy, save_policy, truncated_normal
+from rlrank.agents.policy_files import PolicyError, check_policy_fits, read_policy_metadata
 from rlrank.agents.selectors import (
     SelectorError,
     energy_rank,
@@ -28,7 +20,7 @@ from rlrank.agents.selectors import (
     vbmf_rank,
     vbmf_ratios,
 )
-from rlrank.decompose import describe_layers
+from rlrank.describe import describe_layers
 from rlrank.envs import OBSERVATION_FEATURES, Evaluation, RankSearchEnv
 from rlrank.models import ModelSpec, build_model
 

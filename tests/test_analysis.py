@@ -348,7 +348,7 @@ def test_analysis_does_not_import_torch() -> None:
 
 def test_rlrank_load_save_still_available() -> None:
     import rlrank
-    from rlrank.decompose import load, save
+    from rlrank.model_file import load, save
 
     assert rlrank.load is load and rlrank.save is save
     with pytest.raises(AttributeError):

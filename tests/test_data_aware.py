@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from rlrank.decompose import FactorCache, LayerPlan, decompose_model, describe_layers, output_covariances
+from rlrank.describe import describe_layers
+from rlrank.factor_cache import FactorCache, output_covariances
+from rlrank.planning import LayerPlan
+from rlrank.surgery import decompose_model
 
 
 def model_and_data(kind: str):

@@ -1,4 +1,4 @@
-"""Low-rank factorization, the factor cache, model surgery and save / load (``rlrank.decompose``)."""
+"""Low-rank factorization (``rlrank.methods``), planning, the factor cache, model surgery and the model file."""
 
 from __future__ import annotations
 
@@ -11,31 +11,24 @@ import torch
 from torch import nn
 
 import rlrank
-from rlrank.decompose import (
-    CPConv,
-    DecompositionError,
-    FactorCache,
-    FactorizedLayer,
+from rlrank.describe import describe_layers
+from rlrank.factor_cache import FactorCache
+from rlrank.flops import factorized_macs
+from rlrank.methods import CPConv, DecompositionError, FactorizedLayer, SVDConv, SVDLinear, Tucker2Conv
+from rlrank.model_file import load_metadata
+from rlrank.models import ModelError, ModelSpec, build_model
+from rlrank.planning import (
     LayerPlan,
-    SVDConv,
-    SVDLinear,
-    Tucker2Conv,
     check_decomposition,
     current_ratio,
-    decompose_model,
-    describe_layers,
-    factorization_of,
     full_ranks,
     is_compressible,
-    load_metadata,
     max_ratio_within,
     method_for,
     plan_layer,
     ratio_to_ranks,
-    replace_module,
 )
-from rlrank.flops import factorized_macs
-from rlrank.models import ModelError, ModelSpec, build_model
+from rlrank.surgery import decompose_model, factorization_of, replace_module
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -443,7 +436,7 @@ def test_factor_cache_factorizes_each_layer_once(monkeypatch: pytest.MonkeyPatch
     # two unfoldings per k x k conv (Tucker-2), one for the linear layer (SVD)
     expected = sum(1 if layer.is_pointwise else 2 for layer in layers)
     assert len(calls) == expected
-    svd_objects = {name: [id(t) for usv in cache._svd[name] for t in usv] for name in cache.layers}
+    svd_objects = {name: [id(t) for usv in cache.entry(name).store["svd"] for t in usv] for name in cache.layers}
     for seed in range(3):
         _, plans = _random_plans(model, shape, "tucker2", seed)
         decompose_model(model, plans, cache)
@@ -451,7 +444,7 @@ def test_factor_cache_factorizes_each_layer_once(monkeypatch: pytest.MonkeyPatch
         cache.factors(layer.name, ratio_to_ranks(0.3, full_ranks(layer, cache.method(layer.name))))
         cache.spectra(layer.name)
     assert len(calls) == expected
-    assert {name: [id(t) for usv in cache._svd[name] for t in usv] for name in cache.layers} == svd_objects
+    assert {name: [id(t) for usv in cache.entry(name).store["svd"] for t in usv] for name in cache.layers} == svd_objects
 
 
 def test_factor_cache_copies_the_weights() -> None:

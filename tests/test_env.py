@@ -10,7 +10,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-from rlrank.decompose import describe_layers, plan_layer
+from rlrank.describe import describe_layers
 from rlrank.envs import (
     ENV_ID,
     OBSERVATION_FEATURES,
@@ -21,6 +21,7 @@ from rlrank.envs import (
     ratio_to_action,
 )
 from rlrank.models import ModelSpec, build_model
+from rlrank.planning import plan_layer
 
 
 @pytest.fixture(scope="module")

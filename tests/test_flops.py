@@ -6,19 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from rlrank.decompose import (
-    DecompositionError,
-    FactorCache,
-    FactorizedLayer,
-    decompose_model,
-    describe_layers,
-    empty_factorized,
-    full_ranks,
-    is_compressible,
-    plan_layer,
-)
-from rlrank.flops import LayerInfo, count_model, factorized_macs, factorized_params, flop_counter_macs
+from rlrank.describe import describe_layers
+from rlrank.factor_cache import FactorCache
+from rlrank.flops import count_model, factorized_macs, factorized_params, flop_counter_macs
+from rlrank.layers import LayerInfo
+from rlrank.methods import DecompositionError, FactorizedLayer
 from rlrank.models import ModelSpec, build_model, list_models
+from rlrank.planning import full_ranks, is_compressible, plan_layer
+from rlrank.surgery import decompose_model, empty_factorized
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -221,9 +216,9 @@ def test_layer_info_dict_round_trip() -> None:
 def test_unknown_method_in_formulas() -> None:
     module, shape = GEOMETRIES["conv1x1"]
     (layer,) = describe_layers(nn.Sequential(module), shape)
-    with pytest.raises(ValueError, match="unknown decomposition method 'tt'"):
+    with pytest.raises(ValueError, match="unknown decomposition 'tt'; known: tucker2, svd, cp"):
         factorized_macs(layer, "tt", (2,))
-    with pytest.raises(ValueError, match="unknown decomposition method 'tt'"):
+    with pytest.raises(ValueError, match="unknown decomposition 'tt'; known: tucker2, svd, cp"):
         factorized_params(layer, "tt", (2,))
 
 

@@ -169,7 +169,7 @@ def test_spread_bounds_random_actions(tmp_path, ddpg_run):
 
 def test_split_seed_is_kept_apart_from_the_search_seed():
     from rlrank.config import SearchConfig
-    from rlrank.pipeline import prepare
+    from rlrank.preflight import prepare
 
     def val_images(**kwargs) -> torch.Tensor:
         return prepare(SearchConfig(model="tiny", **kwargs)).data.val.images

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import rlrank
-from rlrank.agents.ddpg import read_policy_metadata
+from rlrank.agents.policy_files import read_policy_metadata
 from rlrank.runlog import read_rows
 from rlrank.search import main
+from rlrank.surgery import factorization_of
 
 BASE = [
     "--model", "tiny", "--warmup", "2", "--dense-epochs", "1", "--final-epochs", "0.5", "--stage-epochs", "0.5",
@@ -77,7 +78,7 @@ def test_two_stages_end_within_budget_without_growing_depth(two_stage_run):
     assert conv_count(stage2) == conv_count(stage1)
     assert stage2(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
     # every layer factorized in stage 1 is re-factorized at ranks no larger in stage 2
-    f1, f2 = rlrank.decompose.factorization_of(stage1), rlrank.decompose.factorization_of(stage2)
+    f1, f2 = factorization_of(stage1), factorization_of(stage2)
     assert set(f1) == set(f2)
     for name in f1:
         assert all(b <= a for a, b in zip(f1[name]["ranks"], f2[name]["ranks"], strict=True))

@@ -1,0 +1,122 @@
+"""Resume checkpoints of a stage's search: ``checkpoint-<n>/`` folders and the pointer to the latest.
+
+After every ``--checkpoint-every`` episodes a complete checkpoint is written into a fresh
+``checkpoint-<n>/`` folder (the agent's learned state via :meth:`Agent.save`, the global random
+generators, the search counters and the best episode so far), then ``checkpoint.json`` is pointed
+at it atomically and older folders are removed. A search killed at any moment resumes from the
+latest complete one, with the same random streams as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlrank.agents.base import Agent
+from rlrank.atomic import save_torch, write_json
+from rlrank.envs import OBSERVATION_FEATURES
+from rlrank.records import EpisodeRow
+from rlrank.run_folder import CHECKPOINT_POINTER_FILE
+
+AGENT_DIR = "agent"
+RNG_FILE = "rng.pt"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class SearchProgress:
+    """The counters of a stage's search that a checkpoint keeps.
+
+    Attributes:
+        episodes_done: Episodes completed (and logged).
+        best: The best episode at the stage's budget so far.
+        failures: Failed episodes.
+        seconds: Wall time spent in episodes.
+    """
+
+    episodes_done: int = 0
+    best: EpisodeRow | None = None
+    failures: int = 0
+    seconds: float = 0.0
+
+
+def save_checkpoint(stage_dir: Path, agent: Agent, progress: SearchProgress) -> Path:
+    """Write a complete checkpoint of the search in ``stage_dir`` and point ``checkpoint.json`` at it."""
+    target = stage_dir / f"checkpoint-{progress.episodes_done}"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    agent.save(target / AGENT_DIR, {"checkpoint": True, "observation_features": list(OBSERVATION_FEATURES)})
+    save_torch(target / RNG_FILE, {"torch": torch.get_rng_state()})
+    write_json(
+        target / STATE_FILE,
+        {
+            "episodes_done": progress.episodes_done,
+            "best": progress.best.to_dict() if progress.best is not None else None,
+            "failures": progress.failures,
+            "seconds": progress.seconds,
+            "agent": agent.state_dict(),
+            "python_rng": _python_rng_state(),
+            "numpy_rng": _numpy_rng_state(),
+        },
+    )
+    write_json(
+        stage_dir / CHECKPOINT_POINTER_FILE,
+        {"latest": target.name, "episodes_done": progress.episodes_done},
+    )
+    for old in stage_dir.glob("checkpoint-*"):
+        if old.is_dir() and old.name != target.name:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def restore_checkpoint(stage_dir: Path, agent: Agent) -> SearchProgress:
+    """Restore the agent and the random generators from the latest checkpoint of ``stage_dir``.
+
+    Returns:
+        The search's counters (all zero when the stage has no checkpoint yet).
+    """
+    pointer = stage_dir / CHECKPOINT_POINTER_FILE
+    if not pointer.is_file():
+        return SearchProgress()
+    target = stage_dir / json.loads(pointer.read_text())["latest"]
+    state = json.loads((target / STATE_FILE).read_text())
+    if (target / AGENT_DIR).is_dir():
+        agent.restore(target / AGENT_DIR)
+    agent.load_state_dict(state["agent"])
+    torch.set_rng_state(torch.load(target / RNG_FILE, weights_only=True)["torch"])
+    random.setstate(_tuples(state["python_rng"]))
+    np.random.set_state(
+        tuple(state["numpy_rng"][:1])
+        + (np.array(state["numpy_rng"][1], dtype=np.uint32),)
+        + tuple(state["numpy_rng"][2:])
+    )
+    best = state.get("best")
+    return SearchProgress(
+        episodes_done=int(state["episodes_done"]),
+        best=EpisodeRow.from_dict(best) if best is not None else None,
+        failures=int(state.get("failures", 0)),
+        seconds=float(state.get("seconds", 0.0)),
+    )
+
+
+def _python_rng_state() -> list:
+    return json.loads(json.dumps(random.getstate()))
+
+
+def _numpy_rng_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value

@@ -1,0 +1,199 @@
+"""The factor cache: every layer's factorization computed once per search, truncated for any ranks.
+
+The expensive part of a strategy (the SVDs of each layer's unfoldings, Tucker-2's core, CP's ALS) is
+done once per layer by the layer's :class:`~rlrank.methods.base.CompressionMethod`, on a copy of the
+layer's effective weight kept here; every episode then builds its factorized modules from
+truncations of it. :func:`output_covariances` observes the layers' responses on training images for
+data-aware factorization.
+
+A layer that is already factorized (a later stage of multi-stage compression) stays compressible:
+its factors are multiplied back into the effective kernel, which is factorized again at the lower
+ranks, so the model keeps its depth (this equals MUSCO's re-factorization of the core with the new
+1x1 factors folded into the old ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from rlrank.describe import effective_bias, effective_weight
+from rlrank.layers import LayerInfo
+from rlrank.methods import (
+    GEOMETRY_KEYS,
+    CompressionMethod,
+    FactorizedLayer,
+    FactorSettings,
+    LayerSpectrum,
+    LayerWeights,
+    get_method,
+)
+from rlrank.planning import check_decomposition, method_for
+
+
+class FactorCache:
+    """Factorizations of a model's layers, computed once and truncated for any ranks.
+
+    Args:
+        model: The model whose layers are factorized (its weights are copied; later changes to the
+            model do not reach the cache).
+        layers: The layers to cache (normally the compressible ones of
+            :func:`~rlrank.describe.describe_layers`).
+        decomposition: The method of k x k convolutions (``tucker2``, ``svd``, ``cp``, ...).
+        hooi_iters: HOOI sweeps refining each Tucker-2 truncation (0: plain truncated HOSVD).
+        cp_iters: ALS iterations of each CP factorization.
+        seed: Seed of CP's initialization.
+        output_covariances: Data-aware factorization: per layer, the covariance of its outputs on
+            training data (:func:`output_covariances`). For SVD and Tucker-2 the output factor is
+            then the leading eigenvectors of that covariance rather than of the weights, which
+            keeps the directions the layer's responses actually use (Zhang et al., 2016); the rest
+            of the factorization is fitted to the weights. HOOI is skipped for those layers.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Iterable[LayerInfo],
+        decomposition: str = "tucker2",
+        hooi_iters: int = 0,
+        cp_iters: int = 50,
+        seed: int = 0,
+        output_covariances: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.decomposition = check_decomposition(decomposition)
+        self.settings = FactorSettings(hooi_iters=hooi_iters, cp_iters=cp_iters, seed=seed)
+        self.layers = {layer.name: layer for layer in layers}
+        covariances = {k: v.to("cpu", torch.float64) for k, v in (output_covariances or {}).items()}
+        self._entries: dict[str, LayerWeights] = {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                module = model.get_submodule(name)
+                bias = effective_bias(module)
+                self._entries[name] = LayerWeights(
+                    layer=layer,
+                    weight=effective_weight(module).detach().to("cpu", torch.float64).clone(),
+                    bias=None if bias is None else bias.detach().to("cpu", torch.float64).clone(),
+                    covariance=covariances.get(name),
+                )
+
+    @property
+    def hooi_iters(self) -> int:
+        return self.settings.hooi_iters
+
+    @property
+    def cp_iters(self) -> int:
+        return self.settings.cp_iters
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    def method(self, name: str) -> str:
+        """The method that factorizes layer ``name`` (its current one if factorized, SVD if pointwise)."""
+        return method_for(self.layers[name], self.decomposition)
+
+    def entry(self, name: str) -> LayerWeights:
+        """What the cache keeps of layer ``name``: its weights and its method's precomputations."""
+        return self._entries[name]
+
+    def _method(self, name: str) -> CompressionMethod:
+        return get_method(self.method(name))
+
+    def prepare(self, name: str) -> None:
+        """Compute (once) what any truncation of layer ``name`` needs."""
+        self._method(name).prepare(self._entries[name], self.settings)
+
+    def prepare_all(self, progress: bool = False) -> None:
+        """Factorize every cached layer now (otherwise each is done on first use)."""
+        from tqdm.auto import tqdm
+
+        for name in tqdm(
+            self.layers, desc="factorizing layers", unit="layer", disable=not progress, leave=False
+        ):
+            self.prepare(name)
+
+    def spectra(self, name: str) -> list[LayerSpectrum]:
+        """Singular values of the layer's unfoldings (Tucker-2: output then input mode)."""
+        return self._method(name).spectra(self._entries[name], self.settings)
+
+    def factors(self, name: str, ranks: tuple[int, ...]) -> list[torch.Tensor]:
+        """Weights of the factor layers of ``name`` at ``ranks`` (float64, CPU).
+
+        Raises:
+            DecompositionError: Ranks out of the layer's range.
+        """
+        ranks = tuple(int(r) for r in ranks)
+        return self._method(name).factors(self._entries[name], ranks, self.settings)
+
+    def build(
+        self,
+        name: str,
+        ranks: tuple[int, ...],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> FactorizedLayer:
+        """A factorized module for layer ``name`` at ``ranks``, weights from the cache."""
+        layer = self.layers[name]
+        method = self._method(name)
+        geometry = {k: getattr(layer, k) for k in GEOMETRY_KEYS}
+        if layer.params > 16384:  # skip the random initialization of large factors: they are overwritten
+            module = method.module(geometry, ranks, device="meta").to_empty(device=device).to(dtype=dtype)
+        else:  # (for small ones, plain construction is cheaper than the meta device)
+            module = method.module(geometry, ranks).to(device=device, dtype=dtype)
+        factors = self.factors(name, ranks)
+        with torch.no_grad():
+            for child, weight in zip(module.children(), factors, strict=True):
+                child.weight.copy_(weight)
+            bias = self._entries[name].bias
+            if bias is not None:
+                module[-1].bias.copy_(bias)
+        return module
+
+
+@torch.no_grad()
+def output_covariances(
+    model: nn.Module, names: Iterable[str], batches: Iterable[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Uncentered covariance ``E[y y^T]`` of each named layer's outputs (bias removed), per channel.
+
+    Args:
+        model: The model (dense or factorized layers alike); run in eval mode.
+        names: Layers to observe.
+        batches: Input batches (normalized images), e.g. a few training batches.
+
+    Returns:
+        ``{name: (out, out) float64 tensor}``, averaged over every output position seen.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            bias = effective_bias(module)
+            y = output.detach().double()
+            if output.dim() == 4:
+                if bias is not None:
+                    y = y - bias.double().view(1, -1, 1, 1)
+                y = y.transpose(0, 1).flatten(1)
+            else:
+                if bias is not None:
+                    y = y - bias.double()
+                y = y.T
+            sums[name] = sums.get(name, 0) + y @ y.T
+            counts[name] = counts.get(name, 0) + y.shape[1]
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in names]
+    was_training = model.training
+    model.eval()
+    try:
+        for images in batches:
+            model(images)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {name: (sums[name] / counts[name]).cpu() for name in sums}

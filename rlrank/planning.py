@@ -1,0 +1,175 @@
+"""Planning: what a rank ratio does to a layer, and the bisections that fit ratios to a MAC budget.
+
+A *rank ratio* in (0, 1] picks integer ranks through :func:`ratio_to_ranks`, the one mapping used
+everywhere; what ratio 1 stands for is the method's (:meth:`CompressionMethod.full_ranks`). A ratio
+whose factorized form costs at least as much as the dense layer leaves it dense. Everything here is
+priced from :class:`~rlrank.layers.LayerInfo` alone: no tensor is touched, so the environment plans
+every step of every episode for free.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rlrank.layers import LayerInfo
+from rlrank.methods import POINTWISE_METHOD, DecompositionError, get_method, list_methods
+
+__all__ = [
+    "LayerPlan",
+    "check_decomposition",
+    "check_ratio",
+    "current_ratio",
+    "full_ranks",
+    "is_compressible",
+    "list_methods",
+    "max_ratio_within",
+    "method_for",
+    "min_ratio_reaching",
+    "plan_layer",
+    "ratio_to_ranks",
+]
+
+
+def check_ratio(ratio: float) -> float:
+    """Return ``ratio`` as a float if it lies in (0, 1], else raise :class:`DecompositionError`."""
+    if isinstance(ratio, (str, bytes, bool)):  # float() would accept "0.5" and True
+        raise DecompositionError(f"rank ratio must be a number in (0, 1], got {ratio!r}")
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise DecompositionError(f"rank ratio must be a number in (0, 1], got {ratio!r}") from None
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise DecompositionError(f"rank ratio must be in (0, 1], got {ratio!r}")
+    return value
+
+
+def ratio_to_ranks(ratio: float, full_ranks: tuple[int, ...]) -> tuple[int, ...]:
+    """Integer ranks for a rank ratio: ``round(ratio * full)`` per mode, at least 1, at most full.
+
+    Args:
+        ratio: Rank ratio in (0, 1].
+        full_ranks: The ranks that ratio 1 stands for (see :func:`full_ranks`).
+
+    Raises:
+        DecompositionError: ``ratio`` outside (0, 1].
+    """
+    value = check_ratio(ratio)
+    return tuple(max(1, min(f, math.floor(value * f + 0.5))) for f in full_ranks)
+
+
+def check_decomposition(decomposition: str) -> str:
+    """Return ``decomposition`` if it names a registered method, else raise :class:`DecompositionError`."""
+    get_method(decomposition)
+    return decomposition
+
+
+def method_for(layer: LayerInfo, decomposition: str) -> str:
+    """The factorization a layer gets: its current one if factorized, SVD if pointwise."""
+    check_decomposition(decomposition)
+    if layer.method is not None:
+        return layer.method
+    return POINTWISE_METHOD if layer.is_pointwise else decomposition
+
+
+def full_ranks(layer: LayerInfo, method: str) -> tuple[int, ...]:
+    """The ranks that rank ratio 1 stands for."""
+    return get_method(method).full_ranks(layer)
+
+
+def current_ratio(layer: LayerInfo) -> float:
+    """Rank ratio of a layer as it is now: 1 for dense, else its largest rank over full rank."""
+    if layer.method is None or layer.ranks is None:
+        return 1.0
+    full = full_ranks(layer, layer.method)
+    return min(1.0, max(r / f for r, f in zip(layer.ranks, full, strict=True)))
+
+
+def is_compressible(layer: LayerInfo, decomposition: str) -> bool:
+    """True when some rank makes the layer cheaper (grouped / depthwise convs never are here)."""
+    if layer.groups != 1:
+        return False
+    if layer.method is not None:
+        return any(r > 1 for r in layer.ranks or ())
+    method = method_for(layer, decomposition)
+    return get_method(method).macs(layer, tuple(1 for _ in full_ranks(layer, method))) < layer.macs
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What a rank ratio does to one layer: its factorization (``None``: dense) and its cost."""
+
+    name: str
+    ratio: float
+    method: str | None
+    ranks: tuple[int, ...] | None
+    macs: int
+    params: int
+
+    @property
+    def dense(self) -> bool:
+        return self.method is None
+
+
+def plan_layer(layer: LayerInfo, ratio: float, decomposition: str, allow_dense: bool = True) -> LayerPlan:
+    """Ranks and cost of ``layer`` at ``ratio``.
+
+    A dense layer whose factorized form would not save MACs stays dense, or, with
+    ``allow_dense=False`` (multi-stage compression, where every layer is factorized in the first
+    stage so that later stages never add depth), gets the largest ranks that still save MACs.
+    A factorized layer never grows back (its new ranks are at most its current ones).
+    """
+    method = method_for(layer, decomposition)
+    ranks = ratio_to_ranks(ratio, full_ranks(layer, method))
+    if layer.ranks is not None:
+        ranks = tuple(min(r, c) for r, c in zip(ranks, layer.ranks, strict=True))
+    priced = get_method(method)
+    macs = priced.macs(layer, ranks)
+    if layer.method is None and macs >= layer.macs:
+        if allow_dense or not is_compressible(layer, decomposition):
+            return LayerPlan(layer.name, ratio, None, None, layer.macs, layer.params)
+        ratio = max_ratio_within(layer, decomposition, layer.macs - 1, min(ratio, 1e-6), ratio)
+        return plan_layer(layer, ratio, decomposition)
+    return LayerPlan(layer.name, ratio, method, ranks, macs, priced.params(layer, ranks))
+
+
+def max_ratio_within(
+    layer: LayerInfo, decomposition: str, max_macs: float, lo: float, hi: float, allow_dense: bool = True
+) -> float:
+    """Largest ratio in ``[lo, hi]`` whose plan costs at most ``max_macs`` (``lo`` if none does)."""
+
+    def cost(ratio: float) -> int:
+        return plan_layer(layer, ratio, decomposition, allow_dense).macs
+
+    if cost(hi) <= max_macs:
+        return hi
+    if cost(lo) > max_macs:
+        return lo
+    for _ in range(40):  # MACs are non-decreasing in the ratio: bisect
+        mid = 0.5 * (lo + hi)
+        if cost(mid) <= max_macs:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def min_ratio_reaching(
+    layer: LayerInfo, decomposition: str, min_macs: float, lo: float, hi: float, allow_dense: bool = True
+) -> float:
+    """Smallest ratio in ``[lo, hi]`` whose plan costs at least ``min_macs`` (``hi`` if none does)."""
+
+    def cost(ratio: float) -> int:
+        return plan_layer(layer, ratio, decomposition, allow_dense).macs
+
+    if cost(lo) >= min_macs:
+        return lo
+    if cost(hi) < min_macs:
+        return hi
+    for _ in range(40):  # MACs are non-decreasing in the ratio: bisect
+        mid = 0.5 * (lo + hi)
+        if cost(mid) >= min_macs:
+            hi = mid
+        else:
+            lo = mid
+    return hi

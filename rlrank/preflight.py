@@ -1,0 +1,145 @@
+"""Before a run writes anything: check every option and input, load data and model, price the budget.
+
+:func:`prepare` raises a :class:`~rlrank.errors.UserError` for anything that cannot work (an option,
+the data, the model or checkpoint, a budget below the smallest reachable one, a policy that does not
+fit), so a refused run leaves no run folder behind. What it loads travels on as :class:`Setup`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlrank.agents.policy_files import check_policy_fits, read_policy_metadata
+from rlrank.agents.registry import agent_spec
+from rlrank.config import SearchConfig
+from rlrank.data import DataConfig, DataSplits, load_data
+from rlrank.describe import describe_layers
+from rlrank.envs import OBSERVATION_FEATURES, REWARDS, BudgetError, smallest_budget
+from rlrank.errors import ConfigError
+from rlrank.finetune import resolve_device
+from rlrank.layers import LayerInfo
+from rlrank.models import ModelSpec, build_model, load_checkpoint
+from rlrank.planning import check_decomposition
+
+logger = logging.getLogger(__name__)
+
+
+def validate(config: SearchConfig) -> None:
+    """Check option values that need no data or model; raise :class:`ConfigError` naming the bad one."""
+
+    def fraction(name: str, value: Any) -> None:
+        if not isinstance(value, (int, float)) or not np.isfinite(value) or not 0 < value <= 1:
+            raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+
+    fraction("--flops", config.flops)
+    fraction("--min-ratio", config.min_ratio)
+    check_decomposition(config.decomposition)
+    spec = agent_spec(config.agent)
+    if config.reward not in REWARDS:
+        raise ConfigError(f"unknown reward {config.reward!r}; known: {', '.join(REWARDS)}")
+    for name in ("episodes", "warmup", "finetune_steps", "bn_batches", "reward_val_images", "hooi_iters"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    for name in ("dense_epochs", "final_epochs", "stage_epochs"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if config.episodes == 0 and not spec.plays_absolute_ratios and not config.policy:
+        raise ConfigError("--episodes 0 needs --policy (to roll out a saved policy) or a rule-based agent")
+    if config.action_center != "uniform" and config.action_space != "relative":
+        raise ConfigError("--action-center needs --action-space relative")
+    if config.stages < 1:
+        raise ConfigError(f"--stages must be >= 1, got {config.stages}")
+    if config.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be >= 1, got {config.checkpoint_every}")
+    budgets = config.budgets_of_stages()
+    if len(budgets) != config.stages:
+        raise ConfigError(f"--stage-budgets gives {len(budgets)} budgets for --stages {config.stages}")
+    for b in budgets:
+        fraction("each stage budget", b)
+    if any(b2 > b1 for b1, b2 in zip(budgets, budgets[1:], strict=False)):
+        raise ConfigError(f"stage budgets must not increase: {budgets}")
+    if abs(budgets[-1] - config.flops) > 1e-9:
+        raise ConfigError(f"the last stage budget {budgets[-1]:g} must equal --flops {config.flops:g}")
+    for b in config.train_budgets or []:
+        fraction("each of --train-budgets", b)
+    if (config.train_budgets or config.policy) and not spec.learns:
+        raise ConfigError("--train-budgets and --policy need an agent that learns a policy (--agent ddpg)")
+    if config.train_budgets and config.stages > 1:
+        raise ConfigError("--train-budgets trains one policy over budgets; use it with --stages 1")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global random generators."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def default_val_size(dataset: str) -> float:
+    """Validation images held out of train when ``--val-size`` is not given."""
+    return 0.2 if dataset == "digits" else 5000
+
+
+@dataclass
+class Setup:
+    """What a run needs, prepared before anything is written."""
+
+    config: SearchConfig
+    device: torch.device
+    data: DataSplits
+    spec: ModelSpec
+    model: nn.Module
+    layers: list[LayerInfo]
+    input_shape: tuple[int, int, int]
+    policy_meta: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def prepare(config: SearchConfig) -> Setup:
+    """Load data and model and check every input.
+
+    Raises:
+        UserError: An option, the data, the model, the budget or the policy cannot work.
+    """
+    validate(config)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    val_size = config.val_size if config.val_size is not None else default_val_size(config.dataset)
+    data = load_data(
+        DataConfig(config.dataset, config.data_dir, val_size, config.split_seed, config.download)
+    )
+    data = data.to(device)
+    spec = ModelSpec(config.model, data.num_classes, data.in_channels, data.input_size)
+    model = build_model(spec, pretrained=config.pretrained)
+    if config.checkpoint:
+        load_checkpoint(model, config.checkpoint)
+    model = model.to(device)
+    input_shape = (data.in_channels, data.input_size, data.input_size)
+    layers = describe_layers(model, input_shape)
+    smallest = smallest_budget(layers, config.decomposition, config.min_ratio)
+    for budget in [config.flops, *config.budgets_of_stages(), *(config.train_budgets or [])]:
+        if budget < smallest - 1e-12:
+            raise BudgetError(budget, smallest)
+    setup = Setup(config, device, data, spec, model, layers, input_shape)
+    if config.policy:
+        meta = read_policy_metadata(config.policy)
+        warning = check_policy_fits(
+            meta,
+            OBSERVATION_FEATURES,
+            config.decomposition,
+            config.model,
+            config.action_space,
+            config.action_center,
+        )
+        if warning:
+            logger.warning(warning)
+            setup.warnings.append(warning)
+        setup.policy_meta = meta
+    return setup

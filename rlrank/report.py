@@ -1,0 +1,98 @@
+"""The run's report: dense vs compressed accuracy and cost, the stages, latency, and its printed summary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlrank.config import SearchConfig
+from rlrank.data import DataSplits
+from rlrank.dense import DenseBaseline
+from rlrank.finetune import evaluate, measure_latency
+from rlrank.flops import ModelCost, count_model
+from rlrank.records import ModelSummary, Report
+
+LATENCY_BATCHES = (1, 64)
+
+
+def build_report(
+    config: SearchConfig,
+    device: torch.device,
+    data: DataSplits,
+    dense: DenseBaseline,
+    dense_cost: ModelCost,
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    stages: Sequence[dict[str, Any]],
+    warnings: Sequence[str],
+) -> Report:
+    """Measure the compressed ``model`` (the test split's first and only use) and assemble the report."""
+    cost = count_model(model, input_shape)
+    test_acc, _ = evaluate(model, data, data.test)
+    val_acc, _ = evaluate(model, data, data.val)
+    return Report(
+        model=config.model,
+        dataset=config.dataset,
+        decomposition=config.decomposition,
+        agent=config.agent,
+        budget=config.flops,
+        device=device_name(device),
+        dense=ModelSummary(dense.val_accuracy, dense.test_accuracy, dense_cost.macs, dense_cost.params),
+        compressed=ModelSummary(
+            val_acc,
+            test_acc,
+            cost.macs,
+            cost.params,
+            flops_ratio=cost.macs / dense_cost.macs,
+            params_ratio=cost.params / dense_cost.params,
+        ),
+        test_accuracy_delta=test_acc - dense.test_accuracy,
+        stages=list(stages),
+        reward_evaluations=sum(s["episodes"] for s in stages),
+        search_seconds=sum(s["search_seconds"] for s in stages),
+        warnings=list(warnings),
+    )
+
+
+def device_name(device: torch.device) -> str:
+    """The device as the report names it (the CUDA card, or the CPU's thread count)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def latency(
+    dense: nn.Module, compressed: nn.Module, input_shape: tuple[int, int, int], device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Median forward latency (ms) of both models at batch 1 and 64, and the speed-up."""
+    out: dict[str, dict[str, float]] = {}
+    for batch in LATENCY_BATCHES:
+        d = measure_latency(dense, input_shape, batch, device)
+        c = measure_latency(compressed, input_shape, batch, device)
+        out[f"batch{batch}"] = {"dense": d, "compressed": c, "speedup": d / c if c > 0 else float("nan")}
+    return out
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def summarize(report: dict[str, Any]) -> str:
+    """The lines ``rlrank-search`` prints at the end of a search."""
+    dense, comp = report["dense"], report["compressed"]
+    lines = [
+        f"dense      test accuracy {_percent(dense['test_accuracy'])}   MACs {dense['macs'] / 1e6:.2f} M   params {dense['params'] / 1e6:.3f} M",
+        f"compressed test accuracy {_percent(comp['test_accuracy'])}   MACs {comp['macs'] / 1e6:.2f} M ({comp['flops_ratio']:.3f} of dense, budget {report['budget']:g})   params {comp['params'] / 1e6:.3f} M ({comp['params_ratio']:.3f})",
+    ]
+    if "latency_ms" in report:
+        lat = report["latency_ms"]
+        lines.append(
+            f"latency on {report['device']}: batch 1 {lat['batch1']['dense']:.2f} -> {lat['batch1']['compressed']:.2f} ms, "
+            f"batch 64 {lat['batch64']['dense']:.2f} -> {lat['batch64']['compressed']:.2f} ms"
+        )
+    if "run_dir" in report:
+        lines.append(f"run folder: {report['run_dir']}")
+    return "\n".join(lines)

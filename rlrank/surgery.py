@@ -1,0 +1,102 @@
+"""Model surgery: put modules into a model by qualified name, apply a strategy, record and restore its structure.
+
+:func:`decompose_model` applies a strategy (one :class:`~rlrank.planning.LayerPlan` per layer) with
+factors from the :class:`~rlrank.factor_cache.FactorCache`; :func:`factorization_of` and
+:func:`apply_factorization` describe a compressed model's structure and rebuild it on a fresh dense
+model (what the model file stores). A replacement only has to map the layer's input to its output:
+methods that change channel counts (pruning) replace several modules at once through the same
+:func:`replace_module`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from rlrank.describe import geometry_of
+from rlrank.methods import POINTWISE_METHOD, DecompositionError, FactorizedLayer, get_method
+from rlrank.planning import LayerPlan
+
+if TYPE_CHECKING:
+    from rlrank.factor_cache import FactorCache
+
+
+def empty_factorized(module: nn.Module, method: str, ranks: tuple[int, ...]) -> FactorizedLayer:
+    """A factorized module of the right shapes for ``module`` (weights still to be set)."""
+    geometry = geometry_of(module)
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise DecompositionError("grouped and depthwise convolutions are left dense")
+    if geometry["kind"] == "linear" and method != POINTWISE_METHOD:
+        raise DecompositionError(f"linear layers are factorized by {POINTWISE_METHOD}, not {method!r}")
+    if geometry["kernel"] == (1, 1) and method != POINTWISE_METHOD:
+        raise DecompositionError(f"1x1 convolutions are factorized by {POINTWISE_METHOD}, not {method!r}")
+    return get_method(method).module(geometry, ranks)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified ``name`` inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def decompose_model(
+    model: nn.Module, plans: Iterable[LayerPlan], cache: FactorCache, inplace: bool = False
+) -> nn.Module:
+    """Apply a strategy: replace every planned layer by its factorization from ``cache``.
+
+    Args:
+        model: The model the cache was built from (dense or partly factorized).
+        plans: One plan per layer to change; dense plans and unchanged ranks are skipped.
+        cache: The factor cache of ``model``.
+        inplace: Modify ``model`` instead of a deep copy.
+
+    Returns:
+        The decomposed model, on the device of ``model``.
+    """
+    changes = [
+        plan
+        for plan in plans
+        if not plan.dense
+        and not (
+            cache.layers[plan.name].method == plan.method and cache.layers[plan.name].ranks == plan.ranks
+        )
+    ]
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    if inplace:
+        target = model
+    else:
+        # copy everything but the layers about to be replaced (their weights would be thrown away)
+        memo = {id(model.get_submodule(plan.name)): nn.Identity() for plan in changes}
+        target = copy.deepcopy(model, memo)
+    for plan in changes:
+        replace_module(target, plan.name, cache.build(plan.name, plan.ranks, device, dtype))
+    return target
+
+
+def factorization_of(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{layer name: {"method", "ranks"}}`` for every factorized layer of ``model``."""
+    return {
+        name: {"method": module.method, "ranks": list(module.ranks)}
+        for name, module in model.named_modules()
+        if isinstance(module, FactorizedLayer)
+    }
+
+
+def apply_factorization(model: nn.Module, factorization: Mapping[str, Mapping[str, Any]]) -> nn.Module:
+    """Give ``model`` (freshly built, dense) the factorized structure described (weights unset)."""
+    for name, entry in factorization.items():
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError:
+            raise DecompositionError(
+                f"layer {name!r} of the saved factorization is not in the model"
+            ) from None
+        replace_module(
+            model, name, empty_factorized(dense, str(entry["method"]), tuple(int(r) for r in entry["ranks"]))
+        )
+    return model
