@@ -145,7 +145,9 @@ def _rule(rule: str) -> Callable[[AgentContext], Agent]:
         ratios, knob = rule_ratios(
             rule, len(context.ratio_bounds), context.cost, context.budget, context.min_ratio, context.spectra
         )
-        actions = [ratio_to_action(r, *bounds) for r, bounds in zip(ratios, context.ratio_bounds, strict=True)]
+        actions = [
+            ratio_to_action(r, *bounds) for r, bounds in zip(ratios, context.ratio_bounds, strict=True)
+        ]
         return FixedStrategyAgent(rule, actions, knob)
 
     return build
@@ -162,4 +164,3 @@ for _rule_name in SELECTORS:
     register_agent(
         AgentSpec(_rule_name, _rule(_rule_name), plays_absolute_ratios=True, description=_RULES[_rule_name])
     )
-

@@ -16,6 +16,8 @@ from rlrank.layers import LayerInfo
 from rlrank.planning import (
     LayerPlan,
     check_decomposition,
+    current_macs,
+    current_params,
     current_ratio,
     is_compressible,
     max_ratio_within,
@@ -116,7 +118,7 @@ def smallest_budget(layers: Sequence[LayerInfo], decomposition: str, min_ratio: 
         if is_compressible(layer, decomposition):
             kept += plan_layer(layer, min(min_ratio, current_ratio(layer)), decomposition).macs
         else:
-            kept += layer.current_macs
+            kept += current_macs(layer)
     return kept / dense
 
 
@@ -235,8 +237,10 @@ class RankSearchEnv(gym.Env):
         if not self.steps:
             raise ValueError("the model has no compressible layer")
         step_names = {layer.name for layer in self.steps}
-        self.fixed_macs = sum(layer.current_macs for layer in self.layers if layer.name not in step_names)
-        self.fixed_params = sum(layer.current_params for layer in self.layers if layer.name not in step_names)
+        self.fixed_macs = sum(current_macs(layer) for layer in self.layers if layer.name not in step_names)
+        self.fixed_params = sum(
+            current_params(layer) for layer in self.layers if layer.name not in step_names
+        )
         self.dense_macs = sum(layer.macs for layer in self.layers)
         self.dense_params = total_params or sum(layer.params for layer in self.layers)
         self._upper = [current_ratio(layer) for layer in self.steps]
@@ -398,7 +402,7 @@ class RankSearchEnv(gym.Env):
     def _observation(self) -> np.ndarray:
         t = self._t
         spent = sum(p.macs for p in self._plans)
-        removed = sum(layer.current_macs - p.macs for layer, p in zip(self.steps, self._plans, strict=False))
+        removed = sum(current_macs(layer) - p.macs for layer, p in zip(self.steps, self._plans, strict=False))
         to_come = sum(layer.macs for layer in self.steps[t + 1 :])
         dynamic = [
             removed / self.dense_macs,

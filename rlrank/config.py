@@ -72,7 +72,9 @@ class SearchConfig:
         metavar="PATH",
         help="trained weights: a state dict or {'state_dict': ...}, 'module.' prefix allowed",
     )
-    pretrained: bool = option(False, group=MODEL_AND_DATA, help="start from published weights (needs internet)")
+    pretrained: bool = option(
+        False, group=MODEL_AND_DATA, help="start from published weights (needs internet)"
+    )
     # budget and decomposition
     flops: float = option(
         0.5, group=BUDGET, type=fraction, help="keep at most this fraction of the dense model's MACs"
@@ -151,12 +153,8 @@ class SearchConfig:
     finetune_steps: int = option(10, group=REWARD, type=count, help="SGD steps after BN re-estimation")
     finetune_lr: float = option(0.01, group=REWARD, type=positive_float, help="")
     finetune_batch_size: int = option(64, group=REWARD, type=positive, help="")
-    bn_batches: int = option(
-        4, group=REWARD, type=count, help="batches re-estimating BatchNorm statistics"
-    )
-    reward_val_images: int = option(
-        0, group=REWARD, type=count, help="validation images per reward, 0 = all"
-    )
+    bn_batches: int = option(4, group=REWARD, type=count, help="batches re-estimating BatchNorm statistics")
+    reward_val_images: int = option(0, group=REWARD, type=count, help="validation images per reward, 0 = all")
     # training: dense model (when no checkpoint) and final fine-tune
     dense_epochs: float = option(
         10.0, group=TRAINING, type=epochs, help="epochs training the dense model when no --checkpoint"
@@ -175,9 +173,7 @@ class SearchConfig:
         "on by default since it measurably helps (experiments/RESULTS.md)",
     )
     # multi-stage
-    stages: int = option(
-        1, group=STAGES, type=positive, help="search -> decompose -> fine-tune stages"
-    )
+    stages: int = option(1, group=STAGES, type=positive, help="search -> decompose -> fine-tune stages")
     stage_budgets: list[float] | None = option(
         None,
         group=STAGES,
@@ -203,13 +199,9 @@ class SearchConfig:
     )
     # run
     device: str = option("auto", group=RUN, help="auto, cpu or cuda")
-    seed: int = option(
-        0, group=RUN, type=int, help="seed of the agent, fine-tunes and dense training"
-    )
+    seed: int = option(0, group=RUN, type=int, help="seed of the agent, fine-tunes and dense training")
     out: str = option("runs", group=RUN, help="folder for run folders")
-    checkpoint_every: int = option(
-        1, group=RUN, type=positive, help="episodes between resume checkpoints"
-    )
+    checkpoint_every: int = option(1, group=RUN, type=positive, help="episodes between resume checkpoints")
     latency: bool = option(True, group=RUN, help="skip the latency measurement of the report")
     extra: dict[str, Any] = field(default_factory=dict)
 

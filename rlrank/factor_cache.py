@@ -139,9 +139,11 @@ class FactorCache:
         method = self._method(name)
         geometry = {k: getattr(layer, k) for k in GEOMETRY_KEYS}
         if layer.params > 16384:  # skip the random initialization of large factors: they are overwritten
-            module = method.module(geometry, ranks, device="meta").to_empty(device=device).to(dtype=dtype)
+            module = (
+                method.build_module(geometry, ranks, device="meta").to_empty(device=device).to(dtype=dtype)
+            )
         else:  # (for small ones, plain construction is cheaper than the meta device)
-            module = method.module(geometry, ranks).to(device=device, dtype=dtype)
+            module = method.build_module(geometry, ranks).to(device=device, dtype=dtype)
         factors = self.factors(name, ranks)
         with torch.no_grad():
             for child, weight in zip(module.children(), factors, strict=True):

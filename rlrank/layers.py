@@ -60,24 +60,6 @@ class LayerInfo:
         """A linear layer or a 1x1 convolution: these are factorized by SVD."""
         return self.kind == "linear" or self.kernel == (1, 1)
 
-    @property
-    def current_macs(self) -> int:
-        """MACs of the layer as it is now (factorized or dense)."""
-        if self.method is None or self.ranks is None:
-            return self.macs
-        from rlrank.methods import get_method
-
-        return get_method(self.method).macs(self, self.ranks)
-
-    @property
-    def current_params(self) -> int:
-        """Parameters of the layer as it is now (factorized or dense)."""
-        if self.method is None or self.ranks is None:
-            return self.params
-        from rlrank.methods import get_method
-
-        return get_method(self.method).params(self, self.ranks)
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -102,7 +102,15 @@ def run(
 
         # ---- the report: test accuracy (first and only use of the test split), cost, latency
         report = build_report(
-            config, setup.device, setup.data, dense, dense_cost, model, setup.input_shape, stages, setup.warnings
+            config,
+            setup.device,
+            setup.data,
+            dense,
+            dense_cost,
+            model,
+            setup.input_shape,
+            stages,
+            setup.warnings,
         )
         if config.latency:
             report.latency_ms = latency(dense_model, model, setup.input_shape, setup.device)

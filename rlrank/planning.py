@@ -19,6 +19,8 @@ __all__ = [
     "LayerPlan",
     "check_decomposition",
     "check_ratio",
+    "current_macs",
+    "current_params",
     "current_ratio",
     "full_ranks",
     "is_compressible",
@@ -75,6 +77,20 @@ def method_for(layer: LayerInfo, decomposition: str) -> str:
 def full_ranks(layer: LayerInfo, method: str) -> tuple[int, ...]:
     """The ranks that rank ratio 1 stands for."""
     return get_method(method).full_ranks(layer)
+
+
+def current_macs(layer: LayerInfo) -> int:
+    """MACs of a layer as it is now (factorized or dense)."""
+    if layer.method is None or layer.ranks is None:
+        return layer.macs
+    return get_method(layer.method).macs(layer, layer.ranks)
+
+
+def current_params(layer: LayerInfo) -> int:
+    """Parameters of a layer as it is now (factorized or dense)."""
+    if layer.method is None or layer.ranks is None:
+        return layer.params
+    return get_method(layer.method).params(layer, layer.ranks)
 
 
 def current_ratio(layer: LayerInfo) -> float:

@@ -104,7 +104,9 @@ def play_episode(
 def _timings(info: dict[str, Any], agent_time: float, total: float) -> dict[str, float]:
     timings = {key: info["timings"].get(key, 0.0) for key in ("decompose", "finetune", "evaluate")}
     timings["agent"] = agent_time
-    timings["env"] = max(0.0, total - agent_time - sum(timings[k] for k in ("decompose", "finetune", "evaluate")))
+    timings["env"] = max(
+        0.0, total - agent_time - sum(timings[k] for k in ("decompose", "finetune", "evaluate"))
+    )
     timings["total"] = total
     return timings
 

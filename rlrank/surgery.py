@@ -33,7 +33,7 @@ def empty_factorized(module: nn.Module, method: str, ranks: tuple[int, ...]) -> 
         raise DecompositionError(f"linear layers are factorized by {POINTWISE_METHOD}, not {method!r}")
     if geometry["kernel"] == (1, 1) and method != POINTWISE_METHOD:
         raise DecompositionError(f"1x1 convolutions are factorized by {POINTWISE_METHOD}, not {method!r}")
-    return get_method(method).module(geometry, ranks)
+    return get_method(method).build_module(geometry, ranks)
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -20,6 +20,7 @@ from rlrank.models import ModelError, ModelSpec, build_model
 from rlrank.planning import (
     LayerPlan,
     check_decomposition,
+    current_macs,
     current_ratio,
     full_ranks,
     is_compressible,
@@ -323,7 +324,7 @@ def test_redecomposition_keeps_depth_and_lowers_ranks() -> None:
     for layer, plan in zip(factorized, plans, strict=True):
         assert plan.method == layer.method
         assert all(r <= c for r, c in zip(plan.ranks, layer.ranks, strict=True))
-        assert plan.ranks != layer.ranks and plan.macs < layer.current_macs
+        assert plan.ranks != layer.ranks and plan.macs < current_macs(layer)
     # a ratio above the current one never grows a layer back
     grown = plan_layer(factorized[1], 1.0, "tucker2")
     assert grown.ranks == factorized[1].ranks
@@ -436,7 +437,9 @@ def test_factor_cache_factorizes_each_layer_once(monkeypatch: pytest.MonkeyPatch
     # two unfoldings per k x k conv (Tucker-2), one for the linear layer (SVD)
     expected = sum(1 if layer.is_pointwise else 2 for layer in layers)
     assert len(calls) == expected
-    svd_objects = {name: [id(t) for usv in cache.entry(name).store["svd"] for t in usv] for name in cache.layers}
+    svd_objects = {
+        name: [id(t) for usv in cache.entry(name).store["svd"] for t in usv] for name in cache.layers
+    }
     for seed in range(3):
         _, plans = _random_plans(model, shape, "tucker2", seed)
         decompose_model(model, plans, cache)
@@ -444,7 +447,9 @@ def test_factor_cache_factorizes_each_layer_once(monkeypatch: pytest.MonkeyPatch
         cache.factors(layer.name, ratio_to_ranks(0.3, full_ranks(layer, cache.method(layer.name))))
         cache.spectra(layer.name)
     assert len(calls) == expected
-    assert {name: [id(t) for usv in cache.entry(name).store["svd"] for t in usv] for name in cache.layers} == svd_objects
+    assert {
+        name: [id(t) for usv in cache.entry(name).store["svd"] for t in usv] for name in cache.layers
+    } == svd_objects
 
 
 def test_factor_cache_copies_the_weights() -> None:

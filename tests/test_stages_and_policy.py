@@ -234,3 +234,29 @@ def test_policy_with_another_decomposition_is_refused(multi_budget_policy, tmp_p
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "decomposition" in err[0]
+
+
+@pytest.mark.parametrize("inside", ["policy.pt", "policy.json", "replay.npz"])
+def test_policy_may_be_named_by_a_file_inside_its_folder(
+    inside, multi_budget_policy, dense_checkpoint, tmp_path
+):
+    folder = multi_budget_policy / "stage-1" / "policy"
+    args = [
+        *BASE,
+        "--flops",
+        "0.45",
+        "--policy",
+        str(folder / inside),
+        "--episodes",
+        "0",
+        "--final-epochs",
+        "0",
+    ]
+    assert main([*args, "--checkpoint", str(dense_checkpoint), "--out", str(tmp_path)]) == 0
+    by_file = read_rows(only_run(tmp_path) / "stage-1" / "episodes.jsonl")
+    by_folder_out = tmp_path / "by-folder"
+    args[args.index("--policy") + 1] = str(folder)
+    assert main([*args, "--checkpoint", str(dense_checkpoint), "--out", str(by_folder_out)]) == 0
+    by_folder = read_rows(only_run(by_folder_out) / "stage-1" / "episodes.jsonl")
+    assert [r["layers"] for r in by_file] == [r["layers"] for r in by_folder]
+    assert by_file[0]["reward"] == by_folder[0]["reward"]

@@ -211,7 +211,9 @@ class CompressionMethod(ABC):
         ]
 
     @abstractmethod
-    def factors(self, entry: LayerWeights, ranks: tuple[int, ...], settings: FactorSettings) -> list[torch.Tensor]:
+    def factors(
+        self, entry: LayerWeights, ranks: tuple[int, ...], settings: FactorSettings
+    ) -> list[torch.Tensor]:
         """Weights of the factor layers at ``ranks`` (float64, CPU), in the module's child order."""
 
     def check_ranks(self, layer: LayerInfo, ranks: tuple[int, ...]) -> None:
@@ -221,6 +223,14 @@ class CompressionMethod(ABC):
             raise DecompositionError(f"ranks {ranks} out of range 1..{full} for layer {layer.name}")
 
     # ------------------------------------------------------------------ modules
+
+    def build_module(
+        self, geometry: Geometry, ranks: tuple[int, ...], device: torch.device | str | None = None
+    ) -> FactorizedLayer:
+        """:meth:`module`, labelled with this method's name (what the model file records)."""
+        module = self.module(geometry, ranks, device=device)
+        module.method = self.name
+        return module
 
     @abstractmethod
     def module(

@@ -72,9 +72,7 @@ class SVDLinear(FactorizedLayer):
 
     method = "svd"
 
-    def __init__(
-        self, linear: Geometry, ranks: tuple[int], device: torch.device | str | None = None
-    ) -> None:
+    def __init__(self, linear: Geometry, ranks: tuple[int], device: torch.device | str | None = None) -> None:
         (r,) = ranks
         super().__init__(
             OrderedDict(
