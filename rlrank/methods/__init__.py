@@ -18,6 +18,8 @@ from rlrank.methods.base import (
 )
 from rlrank.methods.cp import CP, CPConv
 from rlrank.methods.svd import SVD, SVDConv, SVDLinear
+from rlrank.methods.tr import TR, TRConv
+from rlrank.methods.tt import TT, TTConv
 from rlrank.methods.tucker2 import Tucker2, Tucker2Conv
 
 _REGISTRY: dict[str, CompressionMethod] = {}
@@ -51,7 +53,7 @@ def get_method(name: str) -> CompressionMethod:
         ) from None
 
 
-for _method in (Tucker2(), SVD(), CP()):
+for _method in (Tucker2(), SVD(), CP(), TT(), TR()):
     register_method(_method)
 
 __all__ = [
@@ -68,6 +70,10 @@ __all__ = [
     "LayerWeights",
     "SVDConv",
     "SVDLinear",
+    "TR",
+    "TRConv",
+    "TT",
+    "TTConv",
     "Tucker2",
     "Tucker2Conv",
     "get_method",
