@@ -457,14 +457,21 @@ def load_policy(
         raise PolicyError(
             f"policy expects {meta.get('observation_dim')} observation features, the environment has {observation_space.shape[0]}"
         )
-    agent = DDPGAgent(
-        observation_space,
-        action_space,
-        config or DDPGConfig.from_dict(meta["ddpg"]),
-        int(meta.get("seed", 0)),
-    )
-    agent.load_network_state(read_networks(directory))
-    agent.load_state_dict(meta["state"])
+    try:
+        agent = DDPGAgent(
+            observation_space,
+            action_space,
+            config or DDPGConfig.from_dict(meta["ddpg"]),
+            int(meta.get("seed", 0)),
+        )
+        agent.load_network_state(read_networks(directory))
+        agent.load_state_dict(meta["state"])
+    except PolicyError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PolicyError(
+            f"{directory} is not a usable rlrank policy: {type(exc).__name__} {exc} in its policy.json"
+        ) from exc
     if restart:
         agent.episode = 0
     if with_buffer:

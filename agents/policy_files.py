@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from rlrank.atomic import atomic_write, save_torch, write_json
 from rlrank.errors import UserError
+from rlrank.safe_load import load_error, load_tensors
 
 POLICY_FORMAT = "rlrank-policy/1"
 NETWORKS_FILE = "policy.pt"
@@ -61,10 +61,15 @@ def read_networks(directory: str | Path) -> dict[str, Any]:
         PolicyError: Missing, unreadable or not a file of tensors.
     """
     path = policy_dir(directory) / NETWORKS_FILE
+    if not path.is_file():
+        raise PolicyError(f"policy networks missing: {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        networks = load_tensors(path)
     except Exception as exc:
-        raise PolicyError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from exc
+        raise PolicyError(load_error("policy", path, exc)) from exc
+    if not isinstance(networks, dict):
+        raise PolicyError(f"{path} is not an rlrank policy (no networks in it)")
+    return networks
 
 
 def read_replay(directory: str | Path) -> dict[str, np.ndarray] | None:

@@ -91,6 +91,16 @@ class Evaluation:
 Evaluator = Callable[[list[LayerPlan]], Evaluation]
 
 
+def observation_space() -> spaces.Box:
+    """The environment's observation space: :data:`OBSERVATION_FEATURES` in [0, 1], float32."""
+    return spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
+
+
+def action_space() -> spaces.Box:
+    """The environment's action space: one action in [-1, 1], float32."""
+    return spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+
+
 def action_to_ratio(action: float, low: float, high: float) -> float:
     """Map an action in [-1, 1] linearly onto a rank ratio in ``[low, high]``."""
     a = float(np.clip(action, -1.0, 1.0))
@@ -262,8 +272,8 @@ class RankSearchEnv(gym.Env):
         self.budget = self.budgets[0]
         self._features = self._static_features()
 
-        self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
-        self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
+        self.action_space = action_space()
+        self.observation_space = observation_space()
 
         self._episode = -1
         self._t = 0

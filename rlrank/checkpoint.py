@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ from rlrank.agents.base import Agent
 from rlrank.atomic import save_torch, write_json
 from rlrank.envs import OBSERVATION_FEATURES
 from rlrank.records import EpisodeRow
-from rlrank.run_folder import CHECKPOINT_POINTER_FILE
+from rlrank.run_folder import CHECKPOINT_POINTER_FILE, RunFolderError, read_json
+from rlrank.safe_load import load_error, load_tensors
 
 AGENT_DIR = "agent"
 RNG_FILE = "rng.pt"
@@ -39,12 +42,15 @@ class SearchProgress:
         best: The best episode at the stage's budget so far.
         failures: Failed episodes.
         seconds: Wall time spent in episodes.
+        last_row: The row of the last episode done, kept so that a log whose last row was torn
+            after the checkpoint counted it can be repaired on resume.
     """
 
     episodes_done: int = 0
     best: EpisodeRow | None = None
     failures: int = 0
     seconds: float = 0.0
+    last_row: EpisodeRow | None = None
 
 
 def save_checkpoint(stage_dir: Path, agent: Agent, progress: SearchProgress) -> Path:
@@ -60,6 +66,7 @@ def save_checkpoint(stage_dir: Path, agent: Agent, progress: SearchProgress) -> 
         {
             "episodes_done": progress.episodes_done,
             "best": progress.best.to_dict() if progress.best is not None else None,
+            "last_row": progress.last_row.to_dict() if progress.last_row is not None else None,
             "failures": progress.failures,
             "seconds": progress.seconds,
             "agent": agent.state_dict(),
@@ -86,25 +93,57 @@ def restore_checkpoint(stage_dir: Path, agent: Agent) -> SearchProgress:
     pointer = stage_dir / CHECKPOINT_POINTER_FILE
     if not pointer.is_file():
         return SearchProgress()
-    target = stage_dir / json.loads(pointer.read_text())["latest"]
-    state = json.loads((target / STATE_FILE).read_text())
-    if (target / AGENT_DIR).is_dir():
-        agent.restore(target / AGENT_DIR)
-    agent.load_state_dict(state["agent"])
-    torch.set_rng_state(torch.load(target / RNG_FILE, weights_only=True)["torch"])
-    random.setstate(_tuples(state["python_rng"]))
-    np.random.set_state(
-        tuple(state["numpy_rng"][:1])
-        + (np.array(state["numpy_rng"][1], dtype=np.uint32),)
-        + tuple(state["numpy_rng"][2:])
-    )
-    best = state.get("best")
-    return SearchProgress(
-        episodes_done=int(state["episodes_done"]),
-        best=EpisodeRow.from_dict(best) if best is not None else None,
-        failures=int(state.get("failures", 0)),
-        seconds=float(state.get("seconds", 0.0)),
-    )
+    latest = read_json(pointer).get("latest")
+    target = stage_dir / str(latest)
+    if not isinstance(latest, str) or not (target / STATE_FILE).is_file():
+        raise RunFolderError(
+            f"{pointer} names checkpoint {latest!r}, which is missing: the run folder was damaged "
+            f"outside rlrank; delete {pointer} to search stage {stage_dir.name} again from its start"
+        )
+    state = read_json(target / STATE_FILE)
+    try:
+        if (target / AGENT_DIR).is_dir():
+            agent.restore(target / AGENT_DIR)
+        agent.load_state_dict(state["agent"])
+        try:
+            rng = load_tensors(target / RNG_FILE)["torch"]
+        except Exception as exc:
+            raise RunFolderError(load_error("random state", target / RNG_FILE, exc)) from exc
+        torch.set_rng_state(rng)
+        random.setstate(_tuples(state["python_rng"]))
+        np.random.set_state(
+            tuple(state["numpy_rng"][:1])
+            + (np.array(state["numpy_rng"][1], dtype=np.uint32),)
+            + tuple(state["numpy_rng"][2:])
+        )
+        best, last = state.get("best"), state.get("last_row")
+        return SearchProgress(
+            episodes_done=int(state["episodes_done"]),
+            best=EpisodeRow.from_dict(best) if best is not None else None,
+            failures=int(state.get("failures", 0)),
+            seconds=float(state.get("seconds", 0.0)),
+            last_row=EpisodeRow.from_dict(last) if last is not None else None,
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        if isinstance(exc, RunFolderError):
+            raise
+        raise RunFolderError(
+            f"checkpoint {target} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"delete {pointer} to search stage {stage_dir.name} again from its start"
+        ) from exc
+
+
+@contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Run the body, then put Python's, NumPy's and torch's global random generators back as they were
+    (for work that seeds them as a side effect, such as building a stable-baselines3 model)."""
+    python, numpy, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(torch_state)
 
 
 def _python_rng_state() -> list:

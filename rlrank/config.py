@@ -12,7 +12,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from rlrank.options import count, epochs, fraction, fractions, option, positive, positive_float
+from rlrank.options import (
+    count,
+    epochs,
+    fraction,
+    fractions,
+    non_negative_float,
+    option,
+    positive,
+    positive_float,
+    seed_number,
+    size_or_fraction,
+    thread_count,
+    weight,
+)
 
 MODEL_AND_DATA = "model and data"
 BUDGET = "budget and decomposition"
@@ -56,13 +69,14 @@ class SearchConfig:
     val_size: float | None = option(
         None,
         group=MODEL_AND_DATA,
-        type=float,
-        help="validation images held out of train: a fraction (<1) or a count (default: 0.2 for digits, 5000 otherwise)",
+        type=size_or_fraction,
+        help="validation images held out of train: a fraction (<1) or a count, at least one per class "
+        "(default: 0.2 for digits, 5000 otherwise)",
     )
     split_seed: int = option(
         0,
         group=MODEL_AND_DATA,
-        type=int,
+        type=seed_number,
         help="seed of the train/val split, kept apart from --seed so that runs with several seeds "
         "share one held-out set",
     )
@@ -138,7 +152,13 @@ class SearchConfig:
         help="with relative actions, episode 0 of ddpg and random search plays the center strategy "
         "(action 0: uniform or --action-center's rule), so a search never ends below it; this turns that off",
     )
-    noise: float = option(0.5, group=SEARCH, type=float, help="initial exploration noise, AMC's units")
+    noise: float = option(
+        0.5,
+        group=SEARCH,
+        type=non_negative_float,
+        help="initial std of DDPG's exploration noise after warm-up, in AMC's units (a fraction of the "
+        "action range; 0.5 = half of it)",
+    )
     noise_decay: float = option(0.95, group=SEARCH, type=fraction, help="per-episode noise decay")
     credit: str = option(
         "copy",
@@ -151,24 +171,58 @@ class SearchConfig:
     )
     # reward: the cheap fine-tune
     finetune_steps: int = option(10, group=REWARD, type=count, help="SGD steps after BN re-estimation")
-    finetune_lr: float = option(0.01, group=REWARD, type=positive_float, help="")
-    finetune_batch_size: int = option(64, group=REWARD, type=positive, help="")
+    finetune_lr: float = option(
+        0.01,
+        group=REWARD,
+        type=positive_float,
+        help="constant learning rate of the cheap fine-tune's SGD steps",
+    )
+    finetune_batch_size: int = option(
+        64, group=REWARD, type=positive, help="training images per SGD step of the cheap fine-tune"
+    )
     bn_batches: int = option(4, group=REWARD, type=count, help="batches re-estimating BatchNorm statistics")
     reward_val_images: int = option(0, group=REWARD, type=count, help="validation images per reward, 0 = all")
     # training: dense model (when no checkpoint) and final fine-tune
     dense_epochs: float = option(
-        10.0, group=TRAINING, type=epochs, help="epochs training the dense model when no --checkpoint"
+        10.0,
+        resume_safe=True,
+        group=TRAINING,
+        type=epochs,
+        help="epochs training the dense model when no --checkpoint",
     )
-    dense_lr: float = option(0.05, group=TRAINING, type=positive_float, help="")
+    dense_lr: float = option(
+        0.05,
+        resume_safe=True,
+        group=TRAINING,
+        type=positive_float,
+        help="peak learning rate (one-cycle schedule) training the dense model",
+    )
     final_epochs: float = option(
-        5.0, group=TRAINING, type=epochs, help="fine-tune epochs of the final compressed model"
+        5.0,
+        resume_safe=True,
+        group=TRAINING,
+        type=epochs,
+        help="fine-tune epochs of the final compressed model",
     )
-    final_lr: float = option(0.01, group=TRAINING, type=positive_float, help="")
-    batch_size: int = option(64, group=TRAINING, type=positive, help="")
+    final_lr: float = option(
+        0.01,
+        resume_safe=True,
+        group=TRAINING,
+        type=positive_float,
+        help="peak learning rate (one-cycle schedule) of the stage and final fine-tunes",
+    )
+    batch_size: int = option(
+        64,
+        group=TRAINING,
+        type=positive,
+        help="images per step of dense training, the stage and final fine-tunes, BatchNorm "
+        "re-estimation and --data-aware",
+    )
     distill: float = option(
         0.5,
+        resume_safe=True,
         group=TRAINING,
-        type=float,
+        type=weight,
         help="weight of distillation from the dense model in the stage and final fine-tunes, 0 = off; "
         "on by default since it measurably helps (experiments/RESULTS.md)",
     )
@@ -181,7 +235,11 @@ class SearchConfig:
         help="each stage's budget, e.g. 0.8,0.65,0.5 (default: geometric, ending at --flops)",
     )
     stage_epochs: float = option(
-        2.0, group=STAGES, type=epochs, help="fine-tune epochs after every stage but the last"
+        2.0,
+        resume_safe=True,
+        group=STAGES,
+        type=epochs,
+        help="fine-tune epochs after every stage but the last",
     )
     # policy reuse
     train_budgets: list[float] | None = option(
@@ -198,11 +256,25 @@ class SearchConfig:
         "N continues training",
     )
     # run
-    device: str = option("auto", group=RUN, help="auto, cpu or cuda")
-    seed: int = option(0, group=RUN, type=int, help="seed of the agent, fine-tunes and dense training")
+    device: str = option("auto", resume_safe=True, group=RUN, help="auto, cpu or cuda")
+    seed: int = option(
+        0, group=RUN, type=seed_number, help="seed of the agent, fine-tunes and dense training"
+    )
     out: str = option("runs", group=RUN, help="folder for run folders")
-    checkpoint_every: int = option(1, group=RUN, type=positive, help="episodes between resume checkpoints")
-    latency: bool = option(True, group=RUN, help="skip the latency measurement of the report")
+    checkpoint_every: int = option(
+        1, resume_safe=True, group=RUN, type=positive, help="episodes between resume checkpoints"
+    )
+    latency: bool = option(
+        True, resume_safe=True, group=RUN, help="skip the latency measurement of the report"
+    )
+    threads: int = option(
+        0,
+        resume_safe=True,
+        group=RUN,
+        type=thread_count,
+        help="CPU threads of torch, 0 = torch's default (one per core); on a busy machine 1 is often "
+        "fastest (OpenMP threads wait for each other)",
+    )
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import tarfile
@@ -201,6 +202,11 @@ def load_data(config: DataConfig) -> DataSplits:
         mean, std, padding, flip = IMAGENET_MEAN, IMAGENET_STD, _default_padding(train_pool), True
         if train_pool.images.shape[1] != 3:
             mean, std = _channel_stats(train_pool.images)
+    if len(classes) < 2:
+        raise DataError(
+            f"{config.dataset} data{f' in {config.data_dir}' if config.data_dir else ''} has "
+            f"{len(classes)} class ({', '.join(map(str, classes))}): classification needs at least two"
+        )
     train, val = split_train_val(train_pool, config.val_size, config.seed)
     logger.info(
         "%s: %d train, %d val, %d test images of %s, %d classes",
@@ -223,9 +229,17 @@ def split_train_val(pool: ImageSplit, val_size: float, seed: int) -> tuple[Image
         seed: The split is a deterministic function of ``seed``.
     """
     n = len(pool)
+    if not (math.isfinite(val_size) and val_size > 0):
+        raise DataError(f"val_size must be a fraction in (0, 1) or a count >= 1, got {val_size}")
     n_val = int(round(val_size * n)) if val_size < 1 else int(val_size)
+    n_classes = len(torch.unique(pool.labels))
     if not 0 < n_val < n:
         raise DataError(f"val_size {val_size} leaves no train or no val images out of {n}")
+    if n_val < n_classes:
+        raise DataError(
+            f"val_size {val_size} holds out {n_val} images for {n_classes} classes: a validation split "
+            f"needs at least one image per class (give at least {n_classes})"
+        )
     generator = torch.Generator().manual_seed(seed)
     labels = pool.labels
     val_idx, train_idx = [], []

@@ -8,7 +8,6 @@ dense model is trained for ``--dense-epochs`` and saved as ``dense.pt`` with its
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +15,10 @@ from typing import Any
 import torch
 
 from rlrank.atomic import write_json
-from rlrank.finetune import TrainConfig, evaluate, train_epochs
+from rlrank.finetune import NumericalFault, TrainConfig, evaluate, train_epochs
 from rlrank.model_file import load, save
 from rlrank.preflight import Setup
-from rlrank.run_folder import DENSE_INFO_FILE, DENSE_MODEL_FILE, RunFolder
+from rlrank.run_folder import DENSE_INFO_FILE, DENSE_MODEL_FILE, RunFolder, RunFolderError, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +45,16 @@ def dense_baseline(folder: RunFolder, setup: Setup, progress: bool) -> DenseBase
     config, data, model = setup.config, setup.data, setup.model
     info_path, weights_path = folder / DENSE_INFO_FILE, folder / DENSE_MODEL_FILE
     if info_path.is_file() and weights_path.is_file():  # resuming
-        info = json.loads(info_path.read_text())
+        info = read_json(info_path)
         state = load(weights_path, map_location=setup.device).state_dict()
-        return DenseBaseline(info["val_accuracy"], info["test_accuracy"], info["trained_here"], state)
+        try:
+            return DenseBaseline(
+                float(info["val_accuracy"]), float(info["test_accuracy"]), bool(info["trained_here"]), state
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunFolderError(
+                f"{info_path} is damaged ({exc!r}); the run cannot be resumed from it"
+            ) from exc
     trained_here = not (config.checkpoint or config.pretrained)
     if trained_here:
         logger.info(
@@ -59,7 +65,13 @@ def dense_baseline(folder: RunFolder, setup: Setup, progress: bool) -> DenseBase
         )
         train = TrainConfig(epochs=config.dense_epochs, lr=config.dense_lr, batch_size=config.batch_size)
         generator = torch.Generator().manual_seed(config.seed)
-        train_epochs(model, data, train, generator, desc="training dense model", progress=progress)
+        try:
+            train_epochs(model, data, train, generator, desc="training dense model", progress=progress)
+        except NumericalFault as exc:
+            raise NumericalFault(
+                f"training the dense model diverged ({exc}); resume with a lower --dense-lr "
+                f"(it was {config.dense_lr:g})"
+            ) from exc
         save(weights_path, model, setup.spec, {"trained_here": True})
     val_acc, _ = evaluate(model, data, data.val)
     test_acc, _ = evaluate(model, data, data.test)

@@ -14,6 +14,7 @@ from torch import nn
 
 from rlrank.layers import LayerInfo, conv_macs
 from rlrank.methods import DecompositionError, FactorizedLayer
+from rlrank.modes import preserved_modes
 
 
 def geometry_of(module: nn.Module) -> dict[str, Any]:
@@ -95,13 +96,12 @@ def describe_layers(model: nn.Module, input_shape: tuple[int, int, int]) -> list
         return hook
 
     handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
-    was_training = model.training
     param = next(model.parameters())
     try:
-        model.eval()
-        model(torch.zeros((1, *input_shape), device=param.device, dtype=param.dtype))
+        with preserved_modes(model):
+            model.eval()
+            model(torch.zeros((1, *input_shape), device=param.device, dtype=param.dtype))
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
 

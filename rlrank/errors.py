@@ -24,7 +24,15 @@ class UserError(RlrankError, ValueError):
 
 
 class RunFailure(RlrankError, RuntimeError):
-    """A run that started could not go on (exit code 1)."""
+    """A run that started could not go on (exit code 1).
+
+    Attributes:
+        run_dir: The run folder (set by the pipeline).
+        resumable: Whether ``--resume`` can finish the run once the cause is fixed.
+    """
+
+    run_dir: str | None = None
+    resumable: bool = True
 
 
 class ConfigError(UserError):
@@ -32,4 +40,24 @@ class ConfigError(UserError):
 
 
 class SearchError(RunFailure):
-    """A search that cannot go on (every episode failed)."""
+    """A search that cannot go on (every episode failed): its options must change, so a new run is
+    needed."""
+
+    resumable = False
+
+
+class StorageError(RunFailure):
+    """A file of the run could not be written (a full disk, a folder that went read-only)."""
+
+
+class Interrupted(RlrankError):
+    """The user interrupted a run (Ctrl-C); it can be resumed from its run folder (exit code 130).
+
+    Attributes:
+        run_dir: The run folder, or ``None`` when none was created yet.
+    """
+
+    def __init__(self, run_dir: str | None) -> None:
+        where = f"continue with --resume {run_dir}" if run_dir else "no run folder was created yet"
+        super().__init__(f"interrupted; {where}")
+        self.run_dir = run_dir

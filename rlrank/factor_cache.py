@@ -30,6 +30,7 @@ from rlrank.methods import (
     LayerWeights,
     get_method,
 )
+from rlrank.modes import preserved_modes
 from rlrank.planning import check_decomposition, method_for
 
 
@@ -189,13 +190,12 @@ def output_covariances(
         return hook
 
     handles = [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in names]
-    was_training = model.training
-    model.eval()
     try:
-        for images in batches:
-            model(images)
+        with preserved_modes(model):
+            model.eval()
+            for images in batches:
+                model(images)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return {name: (sums[name] / counts[name]).cpu() for name in sums}

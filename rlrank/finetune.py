@@ -8,6 +8,7 @@ knowledge distillation from the dense model).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import statistics
@@ -20,6 +21,7 @@ from torch import nn
 
 from rlrank.data import DataSplits, ImageSplit
 from rlrank.errors import RunFailure, UserError
+from rlrank.modes import preserved_modes
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,21 @@ class FinetuneConfig:
     val_images: int = 0
 
 
+EXPLOSION = 1e3
+"""A loss this many times its first value (and above 1) counts as diverged, even while finite."""
+
+
+def check_loss(loss: torch.Tensor, first: float | None, step: int, what: str) -> float:
+    """The loss as a float; raise :class:`NumericalFault` if it is not finite or has exploded
+    (grown by :data:`EXPLOSION` over ``first``, the first step's loss)."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NumericalFault(f"{what} loss became {value} at step {step}")
+    if first is not None and value > EXPLOSION * max(first, 1.0):
+        raise NumericalFault(f"{what} loss exploded from {first:.3g} to {value:.3g} at step {step}")
+    return value
+
+
 def check_finite(model: nn.Module) -> None:
     """Raise :class:`NumericalFault` if any parameter or buffer is NaN or infinite."""
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
@@ -136,15 +153,14 @@ def reestimate_bn(
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    was_training = model.training
-    model.train()
-    stream = data.endless_batches(data.train, batch_size, generator, augment=False)
-    for _ in range(batches):
-        images, _ = next(stream)
-        model(images)
+    with preserved_modes(model):
+        model.train()
+        stream = data.endless_batches(data.train, batch_size, generator, augment=False)
+        for _ in range(batches):
+            images, _ = next(stream)
+            model(images)
     for m, momentum in zip(norms, saved, strict=True):
         m.momentum = momentum
-    model.train(was_training)
 
 
 def finetune_steps(
@@ -162,16 +178,16 @@ def finetune_steps(
     )
     model.train()
     stream = data.endless_batches(data.train, config.batch_size, generator, augment=True)
-    total = 0.0
-    for _ in range(config.steps):
+    total, first = 0.0, None
+    for step in range(config.steps):
         images, labels = next(stream)
         loss = F.cross_entropy(model(images), labels)
-        if not torch.isfinite(loss):
-            raise NumericalFault(f"fine-tune loss became {loss.item()}")
+        value = check_loss(loss, first, step, "fine-tune")
+        first = value if first is None else first
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item()
+        total += value
     check_finite(model)
     return total / config.steps
 
@@ -211,7 +227,7 @@ def train_epochs(
 
     stream = data.endless_batches(data.train, config.batch_size, generator, augment=True)
     model.train()
-    running, seen = 0.0, 0
+    running, seen, first = 0.0, 0, None
     bar = tqdm(range(total_steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
         images, labels = next(stream)
@@ -220,15 +236,15 @@ def train_epochs(
             with torch.no_grad():
                 teacher_logits = teacher(images)
         loss = _loss(model(images), labels, teacher_logits, config.distill, config.temperature)
-        if not torch.isfinite(loss):
-            raise NumericalFault(f"training loss became {loss.item()} at step {step}")
+        value = check_loss(loss, first, step, "training")
+        first = value if first is None else first
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % steps_per_epoch == 0:
             running, seen = 0.0, 0
-        running += loss.item()
+        running += value
         seen += 1
         if step % 20 == 0:
             bar.set_postfix(loss=f"{running / seen:.3f}")
@@ -241,15 +257,14 @@ def evaluate(
     model: nn.Module, data: DataSplits, split: ImageSplit, batch_size: int = 512
 ) -> tuple[float, float]:
     """Top-1 accuracy (0..1) and mean cross-entropy of ``model`` on ``split``."""
-    was_training = model.training
-    model.eval()
     correct, loss, n = 0, 0.0, 0
-    for images, labels in data.batches(split, batch_size):
-        logits = model(images)
-        loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        n += labels.numel()
-    model.train(was_training)
+    with preserved_modes(model):
+        model.eval()
+        for images, labels in data.batches(split, batch_size):
+            logits = model(images)
+            loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            n += labels.numel()
     return correct / max(n, 1), loss / max(n, 1)
 
 
@@ -262,17 +277,25 @@ def measure_latency(
     warmup: int = 5,
     repeats: int = 20,
 ) -> float:
-    """Median wall time in milliseconds of one forward pass of a ``batch_size`` batch on ``device``."""
-    model = model.to(device).eval()
+    """Median wall time in milliseconds of one forward pass of a ``batch_size`` batch on ``device``.
+
+    ``model`` is left as it was: a model on another device is measured on a copy, and every
+    submodule's train / eval flag is restored.
+    """
+    param = next(model.parameters(), None)
+    on_device = param is None or param.device == torch.device(device)
+    runner = model if on_device else copy.deepcopy(model).to(device)
     x = torch.randn((batch_size, *input_shape), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        model(x)
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    with preserved_modes(runner):
+        runner.eval()
+        for _ in range(warmup):
+            runner(x)
         sync()
-        times.append((time.perf_counter() - start) * 1000.0)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runner(x)
+            sync()
+            times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times)

@@ -20,6 +20,7 @@ from torch import nn
 
 from rlrank.layers import LayerInfo, conv_macs
 from rlrank.methods import get_method
+from rlrank.modes import preserved_modes
 
 
 def factorized_macs(layer: LayerInfo, method: str, ranks: tuple[int, ...]) -> int:
@@ -78,12 +79,11 @@ def count_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelCos
     handles = [
         m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
-    was_training = model.training
     try:
-        model.eval()
-        model(_example_input(model, input_shape))
+        with preserved_modes(model):
+            model.eval()
+            model(_example_input(model, input_shape))
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return ModelCost(macs=total, params=sum(p.numel() for p in model.parameters()))
@@ -93,11 +93,7 @@ def flop_counter_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> in
     """MACs as PyTorch's ``FlopCounterMode`` counts them (its FLOPs / 2): the reference for tests."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(_example_input(model, input_shape))
-    finally:
-        model.train(was_training)
+    with preserved_modes(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()
+        model(_example_input(model, input_shape))
     return counter.get_total_flops() // 2

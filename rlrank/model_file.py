@@ -16,6 +16,7 @@ from torch import nn
 
 from rlrank.atomic import save_torch
 from rlrank.models import ModelError, ModelSpec, build_model, load_state_into
+from rlrank.safe_load import load_error, load_tensors
 from rlrank.surgery import apply_factorization, factorization_of
 
 MODEL_FORMAT = "rlrank-model/1"
@@ -48,11 +49,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_tensors(path)
     except Exception as exc:
-        raise ModelError(
-            f"cannot read model file {path}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-        ) from exc
+        raise ModelError(load_error("model file", path, exc)) from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ModelError(f"{path} is not an rlrank model file (expected format {MODEL_FORMAT})")
     model = build_model(ModelSpec.from_dict(payload["arch"]))
@@ -63,5 +62,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
 
 def load_metadata(path: str | Path) -> dict[str, Any]:
     """Architecture, factorization and metadata of a saved model, without building it."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:
+        payload = load_tensors(path)
+    except Exception as exc:
+        raise ModelError(load_error("model file", path, exc)) from exc
     return {k: payload[k] for k in ("format", "arch", "factorized", "metadata") if k in payload}

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlrank.errors import UserError
+from rlrank.safe_load import load_error, load_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -339,10 +340,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_tensors(path)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot read checkpoint {path}: {first_line}") from exc
+        raise ModelError(load_error("checkpoint", path, exc)) from exc
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):

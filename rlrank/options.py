@@ -58,10 +58,66 @@ def count(text: str) -> int:
 
 def positive(text: str) -> int:
     """A whole number >= 1."""
-    value = count(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+SEED_MAX = 2**32 - 1
+"""Seeds go to NumPy's legacy generator too, which takes 0 .. 2**32 - 1."""
+
+
+def seed_number(text: str) -> int:
+    """A random seed: a whole number in 0 .. 2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number in 0..{SEED_MAX}, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in 0..{SEED_MAX}, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def weight(text: str) -> float:
+    """A finite number in [0, 1] (a mixing weight)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def size_or_fraction(text: str) -> float:
+    """A fraction in (0, 1) or a whole number of items >= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a count, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0) or (value >= 1 and value != int(value)):
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1) or a whole count >= 1, got {text}")
+    return value
+
+
+def thread_count(text: str) -> int:
+    """A number of threads >= 0 (0: automatic)."""
+    return count(text)
 
 
 def epochs(text: str) -> float:
@@ -101,6 +157,7 @@ def option(
     flag: str | None = None,
     metavar: str | None = None,
     default_factory: Callable[[], Any] | None = None,
+    resume_safe: bool = False,
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
@@ -116,6 +173,8 @@ def option(
             default to ``True``).
         metavar: Placeholder of the value in ``--help``.
         default_factory: For mutable defaults, as in :func:`dataclasses.field`.
+        resume_safe: The option may be given again with ``--resume`` to change a run that failed
+            or stopped (e.g. the final fine-tune's settings); the others are fixed once a run started.
     """
     metadata = {
         "cli": True,
@@ -125,6 +184,7 @@ def option(
         "choices": choices,
         "flag": flag,
         "metavar": metavar,
+        "resume_safe": resume_safe,
     }
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
@@ -144,6 +204,14 @@ def cli_fields(config_class: type) -> list[Field]:
     return [f for f in fields(config_class) if f.metadata.get("cli")]
 
 
+def flag_of(f: Field, default: Any) -> str:
+    """The command-line flag of an :func:`option` field (``--no-NAME`` for a boolean that defaults to true)."""
+    name = f.name.replace("_", "-")
+    if f.metadata.get("flag"):
+        return f.metadata["flag"]
+    return f"--no-{name}" if default is True else f"--{name}"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (no usage dump) and exit code 2."""
 
@@ -152,9 +220,15 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def add_config_options(
-    parser: argparse.ArgumentParser, config_class: type
+    parser: argparse.ArgumentParser, config_class: type, suppress_defaults: bool = False
 ) -> dict[str, argparse._ArgumentGroup]:
     """Add one option per :func:`option` field of ``config_class``, grouped as declared.
+
+    Args:
+        parser: The parser to add to.
+        config_class: The dataclass whose :func:`option` fields become options.
+        suppress_defaults: Leave options that are not given out of the parsed namespace (to learn
+            which options a command line sets explicitly).
 
     Returns:
         The argument groups by title, so that a command can add its own options to them.
@@ -166,26 +240,30 @@ def add_config_options(
         group = groups.get(meta["group"]) or parser.add_argument_group(meta["group"])
         groups[meta["group"]] = group
         default = getattr(defaults, f.name)
-        name = f.name.replace("_", "-")
         help_text = meta["help"]
+        flag = flag_of(f, default)
         if isinstance(default, bool):
-            flag = meta["flag"] or (f"--no-{name}" if default else f"--{name}")
             action = "store_false" if default else "store_true"
-            group.add_argument(flag, dest=f.name, action=action, default=default, help=help_text)
+            given_default = argparse.SUPPRESS if suppress_defaults else default
+            group.add_argument(flag, dest=f.name, action=action, default=given_default, help=help_text)
             continue
         choices = _resolve_choices(meta["choices"])
         if choices is not None:
             help_text = help_text.replace("{choices}", ", ".join(choices))
         if default is not None and "%(default)s" not in help_text:
             help_text = f"{help_text} (default: %(default)s)"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS if suppress_defaults else default,
+            "help": help_text,
+        }
         if meta["type"] is not None:
             kwargs["type"] = meta["type"]
         if choices is not None:
             kwargs["choices"] = choices
         if meta["metavar"] is not None:
             kwargs["metavar"] = meta["metavar"]
-        group.add_argument(meta["flag"] or f"--{name}", **kwargs)
+        group.add_argument(flag, **kwargs)
     return groups
 
 

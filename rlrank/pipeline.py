@@ -10,7 +10,7 @@ episode is appended to the stage's log as it ends and a resume checkpoint follow
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,11 +19,21 @@ from typing import Any
 from rlrank.atomic import write_json
 from rlrank.config import SearchConfig
 from rlrank.dense import dense_baseline
+from rlrank.errors import ConfigError, Interrupted, RunFailure
 from rlrank.flops import count_model
 from rlrank.model_file import save
-from rlrank.preflight import prepare
+from rlrank.options import cli_fields, flag_of
+from rlrank.preflight import Setup, prepare
 from rlrank.report import build_report, latency
-from rlrank.run_folder import CONFIG_FILE, MODEL_FILE, REPORT_FILE, RunFolder
+from rlrank.run_folder import (
+    CONFIG_FILE,
+    DENSE_INFO_FILE,
+    MODEL_FILE,
+    REPORT_FILE,
+    RunFolder,
+    RunFolderError,
+    read_json,
+)
 from rlrank.stage import run_stage
 
 logger = logging.getLogger(__name__)
@@ -35,7 +45,10 @@ def run_name(config: SearchConfig) -> str:
 
 
 def run(
-    config: SearchConfig | None = None, resume: str | Path | None = None, progress: bool = True
+    config: SearchConfig | None = None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a search (or resume the one in ``resume``) and return its report.
 
@@ -43,85 +56,136 @@ def run(
         config: The search; ignored when resuming (the run's ``config.json`` is used).
         resume: A run folder to continue from its last completed episode.
         progress: Show progress bars.
+        overrides: With ``resume``: options to change (only those declared ``resume_safe``, such as
+            the final fine-tune's; see :func:`resumed_config`).
 
     Returns:
         The report (``report.json``) plus ``run_dir``, the run folder.
 
     Raises:
         UserError: Bad input, found before anything is written.
-        RunFailure: The search could not go on (the run folder can be resumed).
+        RunFailure: The search could not go on; its ``run_dir`` can be resumed.
+        Interrupted: Ctrl-C; the run folder (if one was made) can be resumed.
     """
     started = time.perf_counter()
-
-    # ---- the options: given, or those of the run being resumed
-    folder = None
     if resume is not None:
         folder = RunFolder.open(resume)
-        config = SearchConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-        if folder.complete:
-            logger.info("run %s is already complete", folder.path)
-            return json.loads((folder / REPORT_FILE).read_text())
+        with folder:  # the lock first: a second --resume of a running search refuses at once
+            for path in folder.remove_temp_files():
+                logger.info("removed %s, left by an interrupted write", path)
+            config = resumed_config(folder, overrides or {})
+            if folder.complete:
+                logger.info("run %s is already complete", folder.path)
+                return read_json(folder / REPORT_FILE)
+            setup = prepare(config)
+            if overrides:
+                write_json(folder / CONFIG_FILE, config.to_dict())
+            return _search_in(folder, setup, started, progress)
+    if overrides:
+        raise ConfigError("option overrides are for --resume only")
     assert config is not None
-
-    # ---- every input checked, data and model loaded, before anything is written
-    setup = prepare(config)
-    folder = folder or RunFolder.create(config.out, run_name(config))
+    try:
+        setup = prepare(config)  # every input checked, data and model loaded: nothing written yet
+    except KeyboardInterrupt:
+        raise Interrupted(None) from None
+    folder = RunFolder.create(config.out, run_name(config))
     with folder:
-        if resume is None:
-            write_json(folder / CONFIG_FILE, config.to_dict())
-        logger.info("run folder: %s", folder.path)
+        write_json(folder / CONFIG_FILE, config.to_dict())
+        return _search_in(folder, setup, started, progress)
 
-        # ---- the dense baseline: the given weights, or a model trained here
-        model = setup.model
-        dense = dense_baseline(folder, setup, progress)
-        model.load_state_dict(dense.state_dict)
-        dense_model = copy.deepcopy(model).eval()
-        dense_cost = count_model(model, setup.input_shape)
 
-        # ---- the stages: search -> decompose -> fine-tune, each on the model the last one produced
-        stages: list[dict[str, Any]] = []
-        budgets = config.budgets_of_stages()
-        previous_val = dense.val_accuracy
-        for k, budget in enumerate(budgets, start=1):
-            last = k == len(budgets)
-            model, result = run_stage(
-                folder, setup, model, dense_model, dense_cost.params, k, budget, last, progress
-            )
-            improved = result.val_accuracy >= previous_val
-            if not improved and k > 1:
-                logger.warning(
-                    "stage %d did not improve on stage %d: val accuracy %.4f -> %.4f at budget %.3f",
-                    k,
-                    k - 1,
-                    previous_val,
-                    result.val_accuracy,
-                    budget,
-                )
-            previous_val = result.val_accuracy
-            stages.append({**result.to_dict(), "improved": improved})
+def resumed_config(folder: RunFolder, overrides: dict[str, Any]) -> SearchConfig:
+    """The options of the run in ``folder``, with ``overrides`` applied.
 
-        # ---- the report: test accuracy (first and only use of the test split), cost, latency
-        report = build_report(
-            config,
-            setup.device,
-            setup.data,
-            dense,
-            dense_cost,
-            model,
-            setup.input_shape,
-            stages,
-            setup.warnings,
+    Only options declared ``resume_safe`` may change (the final fine-tune's settings, the device,
+    ...); the dense model's training options only while it is not trained yet.
+
+    Raises:
+        ConfigError: An option that cannot change once the run started.
+        RunFolderError: ``config.json`` is missing or damaged.
+    """
+    data = read_json(folder / CONFIG_FILE)
+    try:
+        config = SearchConfig.from_dict(data)
+    except TypeError as exc:
+        raise RunFolderError(f"{folder / CONFIG_FILE} is damaged ({exc})") from exc
+    safe = {f.name for f in cli_fields(SearchConfig) if f.metadata.get("resume_safe")}
+    if (folder / DENSE_INFO_FILE).is_file():
+        safe -= {"dense_epochs", "dense_lr"}
+    fixed = sorted(name for name in overrides if name not in safe)
+    if fixed:
+        defaults, by_name = SearchConfig(), {f.name: f for f in cli_fields(SearchConfig)}
+        flags = ", ".join(flag_of(by_name[name], getattr(defaults, name)) for name in fixed)
+        allowed = ", ".join(flag_of(by_name[name], getattr(defaults, name)) for name in sorted(safe))
+        raise ConfigError(
+            f"{flags} cannot change when resuming (the run already used its value); "
+            f"options that can: {allowed}"
         )
-        if config.latency:
-            report.latency_ms = latency(dense_model, model, setup.input_shape, setup.device)
-        save(folder / MODEL_FILE, model, setup.spec, {"report": REPORT_FILE, "budget": config.flops})
-        report.wall_seconds = time.perf_counter() - started
-        write_json(folder / REPORT_FILE, report.to_dict())
+    if overrides:
         logger.info(
-            "dense test accuracy %.4f -> compressed %.4f at %.3f of the FLOPs (%s)",
-            dense.test_accuracy,
-            report.compressed.test_accuracy,
-            report.compressed.flops_ratio,
-            folder.path,
+            "resuming with %s", ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
         )
-        return {**report.to_dict(), "run_dir": str(folder.path)}
+    return dataclasses.replace(config, **overrides)
+
+
+def _search_in(folder: RunFolder, setup: Setup, started: float, progress: bool) -> dict[str, Any]:
+    """The run inside its (locked) folder; failures and Ctrl-C name the folder to resume."""
+    try:
+        return _stages_and_report(folder, setup, started, progress)
+    except RunFailure as exc:
+        exc.run_dir = str(folder.path)
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(str(folder.path)) from None
+
+
+def _stages_and_report(folder: RunFolder, setup: Setup, started: float, progress: bool) -> dict[str, Any]:
+    config = setup.config
+    logger.info("run folder: %s", folder.path)
+
+    # ---- the dense baseline: the given weights, or a model trained here
+    model = setup.model
+    dense = dense_baseline(folder, setup, progress)
+    model.load_state_dict(dense.state_dict)
+    dense_model = copy.deepcopy(model).eval()
+    dense_cost = count_model(model, setup.input_shape)
+
+    # ---- the stages: search -> decompose -> fine-tune, each on the model the last one produced
+    stages: list[dict[str, Any]] = []
+    budgets = config.budgets_of_stages()
+    previous_val = dense.val_accuracy
+    for k, budget in enumerate(budgets, start=1):
+        last = k == len(budgets)
+        model, result = run_stage(
+            folder, setup, model, dense_model, dense_cost.params, k, budget, last, progress
+        )
+        improved = result.val_accuracy >= previous_val
+        if not improved and k > 1:
+            logger.warning(
+                "stage %d did not improve on stage %d: val accuracy %.4f -> %.4f at budget %.3f",
+                k,
+                k - 1,
+                previous_val,
+                result.val_accuracy,
+                budget,
+            )
+        previous_val = result.val_accuracy
+        stages.append({**result.to_dict(), "improved": improved})
+
+    # ---- the report: test accuracy (first and only use of the test split), cost, latency
+    report = build_report(
+        config, setup.device, setup.data, dense, dense_cost, model, setup.input_shape, stages, setup.warnings
+    )
+    if config.latency:
+        report.latency_ms = latency(dense_model, model, setup.input_shape, setup.device)
+    save(folder / MODEL_FILE, model, setup.spec, {"report": REPORT_FILE, "budget": config.flops})
+    report.wall_seconds = time.perf_counter() - started
+    write_json(folder / REPORT_FILE, report.to_dict())
+    logger.info(
+        "dense test accuracy %.4f -> compressed %.4f at %.3f of the FLOPs (%s)",
+        dense.test_accuracy,
+        report.compressed.test_accuracy,
+        report.compressed.flops_ratio,
+        folder.path,
+    )
+    return {**report.to_dict(), "run_dir": str(folder.path)}

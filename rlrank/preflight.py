@@ -8,6 +8,7 @@ fit), so a refused run leaves no run folder behind. What it loads travels on as 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,17 +17,28 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlrank.agents.ddpg import load_policy
 from rlrank.agents.policy_files import check_policy_fits, read_policy_metadata
 from rlrank.agents.registry import agent_spec
+from rlrank.checkpoint import preserved_random_state
 from rlrank.config import SearchConfig
 from rlrank.data import DataConfig, DataSplits, load_data
 from rlrank.describe import describe_layers
-from rlrank.envs import OBSERVATION_FEATURES, REWARDS, BudgetError, smallest_budget
+from rlrank.envs import (
+    OBSERVATION_FEATURES,
+    REWARDS,
+    BudgetError,
+    action_space,
+    observation_space,
+    smallest_budget,
+)
 from rlrank.errors import ConfigError
 from rlrank.finetune import resolve_device
 from rlrank.layers import LayerInfo
 from rlrank.models import ModelSpec, build_model, load_checkpoint
+from rlrank.options import SEED_MAX
 from rlrank.planning import check_decomposition
+from rlrank.threads import configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +50,34 @@ def validate(config: SearchConfig) -> None:
         if not isinstance(value, (int, float)) or not np.isfinite(value) or not 0 < value <= 1:
             raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
 
+    def number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < low or (low_open and value == low) or value > high:
+            bound = f"({low:g}" if low_open else f"[{low:g}"
+            raise ConfigError(f"{name} must be a finite number in {bound}, {high:g}], got {value!r}")
+
     fraction("--flops", config.flops)
     fraction("--min-ratio", config.min_ratio)
+    fraction("--spread", config.spread)
+    fraction("--noise-decay", config.noise_decay)
+    for name in ("seed", "split_seed"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= SEED_MAX:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be a whole number in 0..{SEED_MAX}, got {value!r}"
+            )
+    number("--noise", config.noise, 0.0)
+    number("--distill", config.distill, 0.0, 1.0)
+    for name in ("finetune_lr", "dense_lr", "final_lr"):
+        number(f"--{name.replace('_', '-')}", getattr(config, name), 0.0, low_open=True)
+    if config.val_size is not None:
+        number("--val-size", config.val_size, 0.0, low_open=True)
+        if config.val_size >= 1 and config.val_size != int(config.val_size):
+            raise ConfigError(
+                f"--val-size must be a fraction in (0, 1) or a whole count, got {config.val_size!r}"
+            )
+    if config.threads < 0:
+        raise ConfigError(f"--threads must be >= 0, got {config.threads}")
     check_decomposition(config.decomposition)
     spec = agent_spec(config.agent)
     if config.reward not in REWARDS:
@@ -52,6 +90,11 @@ def validate(config: SearchConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if config.episodes == 0 and not spec.plays_absolute_ratios and not config.policy:
         raise ConfigError("--episodes 0 needs --policy (to roll out a saved policy) or a rule-based agent")
+    if spec.learns and not config.policy and config.episodes > 0 and config.warmup >= config.episodes:
+        raise ConfigError(
+            f"--warmup {config.warmup} >= --episodes {config.episodes}: the agent would never learn; "
+            f"lower --warmup (e.g. --warmup {max(1, config.episodes // 4)}) or use --agent random"
+        )
     if config.action_center != "uniform" and config.action_space != "relative":
         raise ConfigError("--action-center needs --action-space relative")
     if config.stages < 1:
@@ -109,6 +152,7 @@ def prepare(config: SearchConfig) -> Setup:
         UserError: An option, the data, the model, the budget or the policy cannot work.
     """
     validate(config)
+    configure_threads(config.threads)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     val_size = config.val_size if config.val_size is not None else default_val_size(config.dataset)
@@ -129,17 +173,32 @@ def prepare(config: SearchConfig) -> Setup:
             raise BudgetError(budget, smallest)
     setup = Setup(config, device, data, spec, model, layers, input_shape)
     if config.policy:
-        meta = read_policy_metadata(config.policy)
-        warning = check_policy_fits(
-            meta,
-            OBSERVATION_FEATURES,
-            config.decomposition,
-            config.model,
-            config.action_space,
-            config.action_center,
-        )
+        setup.policy_meta, warning = check_policy(config)
         if warning:
             logger.warning(warning)
             setup.warnings.append(warning)
-        setup.policy_meta = meta
     return setup
+
+
+def check_policy(config: SearchConfig) -> tuple[dict[str, Any], str | None]:
+    """Read and fully load ``--policy`` once (metadata, networks, replay buffer), so that a policy
+    that cannot work is refused before anything is written or trained.
+
+    Returns:
+        The policy's metadata, and a warning when it was trained on another model.
+
+    Raises:
+        PolicyError: Missing, unreadable, crafted, or made for another environment.
+    """
+    meta = read_policy_metadata(config.policy)
+    warning = check_policy_fits(
+        meta,
+        OBSERVATION_FEATURES,
+        config.decomposition,
+        config.model,
+        config.action_space,
+        config.action_center,
+    )
+    with preserved_random_state():  # building the networks seeds the global generators
+        load_policy(config.policy, observation_space(), action_space())
+    return meta, warning

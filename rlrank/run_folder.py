@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from rlrank.errors import UserError
 
@@ -51,7 +52,24 @@ def stage_dir_name(k: int) -> str:
 
 
 class RunFolderError(UserError):
-    """A run folder that cannot be created, is in use, or is not a run."""
+    """A run folder that cannot be created, is in use, is not a run, or is damaged."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file of the run folder.
+
+    Raises:
+        RunFolderError: The file is missing, unreadable or not a JSON object (a damaged run folder).
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunFolderError(f"{path} is missing: the run folder is incomplete or damaged") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunFolderError(f"{path} is damaged ({exc}); the run cannot be resumed from it") from exc
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{path} is damaged (not a JSON object); the run cannot be resumed from it")
+    return data
 
 
 class RunFolder:
@@ -147,6 +165,16 @@ class RunFolder:
         path = self.path / stage_dir_name(k)
         path.mkdir(exist_ok=True)
         return path
+
+    def remove_temp_files(self) -> list[Path]:
+        """Delete the temporary files that a kill during an atomic write left behind (``.*.tmp``);
+        returns them. Call only while holding the lock."""
+        removed = []
+        for path in self.path.rglob(".*.tmp"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     @property
     def complete(self) -> bool:

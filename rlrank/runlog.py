@@ -21,20 +21,33 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlrank.atomic import atomic_write, storage_error
+from rlrank.errors import UserError
 from rlrank.run_folder import EPISODES_FILE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EPISODES_FILE", "append_row", "read_rows", "truncate_rows"]
+__all__ = ["EPISODES_FILE", "EpisodeLogError", "append_row", "read_rows", "truncate_rows"]
+
+
+class EpisodeLogError(UserError):
+    """An episode log that is damaged beyond a torn last line."""
 
 
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
-    """Append one row as a JSON line and force it to disk."""
+    """Append one row as a JSON line and force it to disk.
+
+    Raises:
+        StorageError: The row could not be written (e.g. no space left).
+    """
     line = json.dumps(_finite(row), separators=(",", ":"), allow_nan=False) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise storage_error(Path(path), exc) from exc
 
 
 def _finite(value: Any) -> Any:
@@ -52,7 +65,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Read every complete row; a torn or unreadable last line is skipped with a warning.
 
     Raises:
-        ValueError: A line other than the last is not valid JSON (the file is not an episode log).
+        EpisodeLogError: A line other than the last is not valid JSON (the file is not an episode log).
     """
     path = Path(path)
     if not path.is_file():
@@ -71,15 +84,13 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             if last:
                 logger.warning("%s: skipping a partial last row (%s)", path, exc)
                 break
-            raise ValueError(f"{path}: line {i + 1} is not a valid episode row: {exc}") from exc
+            raise EpisodeLogError(f"{path}: line {i + 1} is not a valid episode row: {exc}") from exc
         rows.append(row)
     return rows
 
 
 def truncate_rows(path: str | Path, keep: int) -> list[dict[str, Any]]:
     """Keep only the first ``keep`` complete rows (atomically); returns them."""
-    from rlrank.atomic import atomic_write
-
     path = Path(path)
     rows = read_rows(path)[:keep]
     text = "".join(json.dumps(_finite(r), separators=(",", ":"), allow_nan=False) + "\n" for r in rows)

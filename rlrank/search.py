@@ -15,17 +15,19 @@ import sys
 from collections.abc import Sequence
 
 from rlrank.config import RUN, SearchConfig
-from rlrank.errors import RunFailure, UserError
-from rlrank.options import EXIT_USAGE, OneLineParser, add_config_options
+from rlrank.errors import Interrupted, RunFailure, UserError
+from rlrank.options import EXIT_USAGE, OneLineParser, add_config_options, cli_fields, flag_of
 from rlrank.options import config_from_args as _config_from_args
+from rlrank.threads import prefer_passive_wait
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 PROG = "rlrank-search"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``rlrank-search`` parser: one option per :class:`SearchConfig` field, plus ``--resume`` and ``--quiet``."""
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The ``rlrank-search`` parser: one option per :class:`SearchConfig` field, plus ``--resume`` and
+    ``--quiet`` (``suppress_defaults``: options not given stay out of the namespace)."""
     parser = OneLineParser(
         prog=PROG,
         description=(
@@ -41,14 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    groups = add_config_options(parser, SearchConfig)
+    groups = add_config_options(parser, SearchConfig, suppress_defaults=suppress_defaults)
     groups[RUN].add_argument(
         "--resume",
         metavar="RUN",
-        help="continue a killed search in run folder RUN (other options are taken from its config.json)",
+        help="continue a killed or failed search in run folder RUN; its other options come from its "
+        "config.json, except those given here that may change (" + ", ".join(_resume_safe()) + ")",
     )
     groups[RUN].add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     return parser
+
+
+def _resume_safe() -> list[str]:
+    defaults = SearchConfig()
+    return [
+        flag_of(f, getattr(defaults, f.name)) for f in cli_fields(SearchConfig) if f.metadata["resume_safe"]
+    ]
+
+
+def given_options(argv: Sequence[str] | None) -> dict[str, object]:
+    """The config options a command line sets explicitly (``--resume`` and ``--quiet`` excluded)."""
+    given = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    return {k: v for k, v in given.items() if k not in ("resume", "quiet")}
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
@@ -58,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    prefer_passive_wait()  # before torch is imported
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -77,17 +94,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():
             if args.resume:
-                report = run(resume=args.resume, progress=not args.quiet)
+                overrides = given_options(argv)
+                report = run(resume=args.resume, progress=not args.quiet, overrides=overrides)
             else:
                 report = run(config_from_args(args), progress=not args.quiet)
     except UserError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return EXIT_USAGE
     except RunFailure as exc:
-        sys.stderr.write(f"{PROG}: search failed: {exc}\n")
+        if exc.run_dir and exc.resumable:
+            where = f" (run folder {exc.run_dir}: continue with --resume {exc.run_dir})"
+        elif exc.run_dir:
+            where = f" (run folder {exc.run_dir}; start a new run with other options)"
+        else:
+            where = ""
+        sys.stderr.write(f"{PROG}: search failed: {exc}{where}\n")
         return EXIT_FAILED
+    except Interrupted as exc:
+        sys.stderr.write(f"{PROG}: {exc}\n")
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted; continue with --resume RUN_FOLDER\n")
+        sys.stderr.write(f"{PROG}: interrupted before a run folder was created; nothing to resume\n")
         return EXIT_INTERRUPTED
     print(summarize(report))  # noqa: T201 - the command's result
     return 0

@@ -62,6 +62,7 @@ def run_episodes(
             progress.seconds += time.perf_counter() - start
             progress.episodes_done = episode + 1
             progress.failures += 1 if row.failed else 0
+            progress.last_row = row
             callbacks.on_episode_end(row, progress)
     finally:
         callbacks.on_search_end(progress)

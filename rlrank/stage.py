@@ -8,7 +8,6 @@ checkpoint continues its search from it (the episode log is cut back to the chec
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,13 +23,20 @@ from rlrank.agents.registry import AgentContext, agent_spec, make_agent
 from rlrank.agents.selectors import Spectra, rule_ratios
 from rlrank.atomic import write_json
 from rlrank.callbacks import BestTracker, CallbackList, Checkpointer, EpisodeLog, FailureLimit, ProgressBar
-from rlrank.checkpoint import restore_checkpoint
+from rlrank.checkpoint import SearchProgress, restore_checkpoint
 from rlrank.config import SearchConfig
 from rlrank.describe import describe_layers
 from rlrank.envs import OBSERVATION_FEATURES, RankSearchEnv
 from rlrank.errors import SearchError
 from rlrank.factor_cache import FactorCache, output_covariances
-from rlrank.finetune import FinetuneConfig, TrainConfig, evaluate, reestimate_bn, train_epochs
+from rlrank.finetune import (
+    FinetuneConfig,
+    NumericalFault,
+    TrainConfig,
+    evaluate,
+    reestimate_bn,
+    train_epochs,
+)
 from rlrank.model_file import load, save
 from rlrank.planning import LayerPlan, is_compressible
 from rlrank.preflight import Setup
@@ -43,8 +49,10 @@ from rlrank.run_folder import (
     POLICY_DIR,
     STAGE_RESULT_FILE,
     RunFolder,
+    RunFolderError,
+    read_json,
 )
-from rlrank.runlog import read_rows, truncate_rows
+from rlrank.runlog import EpisodeLogError, append_row, read_rows, truncate_rows
 from rlrank.search_loop import run_episodes
 from rlrank.surgery import decompose_model
 
@@ -83,7 +91,10 @@ def run_stage(
     if (stage_dir / STAGE_RESULT_FILE).is_file():  # finished before a resume
         logger.info("stage %d already complete", k)
         model = load(stage_dir / MODEL_FILE, map_location=device).train()
-        return model, StageResult.from_dict(json.loads((stage_dir / STAGE_RESULT_FILE).read_text()))
+        try:
+            return model, StageResult.from_dict(read_json(stage_dir / STAGE_RESULT_FILE))
+        except TypeError as exc:
+            raise RunFolderError(f"{stage_dir / STAGE_RESULT_FILE} is damaged ({exc})") from exc
 
     logger.info("stage %d: searching ranks for %.3f of the dense FLOPs", k, budget)
     layers = describe_layers(model, setup.input_shape)
@@ -146,15 +157,21 @@ def run_stage(
             epochs=epochs, lr=config.final_lr, batch_size=config.batch_size, distill=config.distill
         )
         teacher = dense_model if config.distill > 0 else None
-        train_epochs(
-            compressed,
-            data,
-            train,
-            generator,
-            teacher=teacher,
-            desc=f"fine-tuning stage {k}",
-            progress=progress,
-        )
+        try:
+            train_epochs(
+                compressed,
+                data,
+                train,
+                generator,
+                teacher=teacher,
+                desc=f"fine-tuning stage {k}",
+                progress=progress,
+            )
+        except NumericalFault as exc:
+            raise NumericalFault(
+                f"the fine-tune of stage {k} diverged ({exc}); resume with a lower --final-lr "
+                f"(it was {config.final_lr:g}); the search is kept"
+            ) from exc
     val_acc, _ = evaluate(compressed, data, data.val)
     finetune_seconds = time.perf_counter() - start
     save(stage_dir / MODEL_FILE, compressed, setup.spec, {"stage": k, "budget": budget})
@@ -244,6 +261,8 @@ def _search(
     rollout_episode = (0 if config.policy else n_episodes - 1) if rollout is not None else -1
     state = restore_checkpoint(stage_dir, agent)
     rows = truncate_rows(log_path, state.episodes_done) if log_path.exists() else []
+    if len(rows) < state.episodes_done:
+        rows = _repair_log(log_path, rows, state, k)
     if state.episodes_done:
         logger.info("resuming stage %d after %d completed episodes", k, state.episodes_done)
     callbacks = CallbackList(
@@ -272,6 +291,30 @@ def _search(
     if state.best is None:
         raise SearchError(f"no episode of stage {k} succeeded at budget {budget:g}")
     return state.best, state.failures, state.seconds
+
+
+def _repair_log(
+    log_path: Path, rows: list[dict[str, Any]], state: SearchProgress, k: int
+) -> list[dict[str, Any]]:
+    """Put back the last counted episode when its row was torn after the checkpoint counted it.
+
+    Raises:
+        EpisodeLogError: More rows are missing than the checkpoint keeps: they cannot be restored.
+    """
+    last = state.last_row
+    if len(rows) == state.episodes_done - 1 and last is not None and last.episode == len(rows):
+        append_row(log_path, last.to_dict())
+        logger.warning(
+            "stage %d: the log's last row (episode %d) was torn; restored it from the checkpoint",
+            k,
+            last.episode,
+        )
+        return [*rows, last.to_dict()]
+    raise EpisodeLogError(
+        f"{log_path} holds {len(rows)} complete episodes but its checkpoint counts "
+        f"{state.episodes_done}: rows were removed outside rlrank and cannot be restored; "
+        "start a new run"
+    )
 
 
 def _mean_times(rows: Sequence[dict[str, Any]]) -> dict[str, float]:

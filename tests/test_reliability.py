@@ -62,7 +62,12 @@ def test_budget_below_the_smallest_reachable(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--model", "resnet1000"), ("--dataset", "mnist"), ("--decomposition", "tt"), ("--agent", "ppo")],
+    [
+        ("--model", "resnet1000"),
+        ("--dataset", "mnist"),
+        ("--decomposition", "tensor-magic"),
+        ("--agent", "ppo"),
+    ],
 )
 def test_unknown_names(option, value, tmp_path, capsys):
     assert_refused(capsys, [*FAST, option, value], tmp_path, option, value)
