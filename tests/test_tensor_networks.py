@@ -243,7 +243,7 @@ def test_resnet_layers_are_compressible_and_pointwise_ones_use_svd(method: str) 
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_only_kxk_convolutions(method: str) -> None:
+def test_bad_layers_and_rank_counts_are_refused(method: str) -> None:
     pointwise = {
         "kind": "conv", "in_channels": 8, "out_channels": 8, "kernel": (1, 1), "stride": (1, 1),
         "padding": (0, 0), "dilation": (1, 1), "bias": False,
@@ -255,6 +255,11 @@ def test_only_kxk_convolutions(method: str) -> None:
         empty_factorized(nn.Conv2d(8, 8, 1), method, (2, 2))
     with pytest.raises(DecompositionError, match="bond ranks"):
         empty_factorized(nn.Conv2d(8, 8, 3), method, (2,) * 7)
+    (layer,) = describe_layers(nn.Sequential(nn.Conv2d(8, 8, 3)), (8, 5, 5))
+    for wrong in ((2,), (2,) * 7):
+        for price in (get_method(method).macs, get_method(method).params):
+            with pytest.raises(DecompositionError, match="bond ranks expected"):
+                price(layer, wrong)
 
 
 # ------------------------------------------------------------------------------------------

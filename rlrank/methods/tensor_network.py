@@ -335,9 +335,19 @@ def weights_to_cores(
 # ------------------------------------------------------------------------------------------ costs
 
 
+def _checked_modes(layer: LayerInfo, bonds: Sequence[int]) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+    """:func:`mode_sizes` of ``layer``, after checking that ``bonds`` has one rank per inner bond."""
+    ins, spatial, outs = mode_sizes(layer)
+    if len(bonds) != len(ins) + len(outs):
+        raise DecompositionError(
+            f"{len(ins) + len(outs)} bond ranks expected for layer {layer.name}, got {len(bonds)}"
+        )
+    return ins, spatial, outs
+
+
 def chain_macs(layer: LayerInfo, ring: int, bonds: Sequence[int]) -> int:
     """MACs of :class:`TensorNetworkConv` for ``layer`` (one input); the formula of the module docstring."""
-    ins, spatial, outs = mode_sizes(layer)
+    ins, spatial, outs = _checked_modes(layer, bonds)
     d, e = len(ins), len(outs)
     hw_in, hw_out = math.prod(layer.in_hw), math.prod(layer.out_hw)
     total = hw_in * layer.in_channels * ring * bonds[0]
@@ -351,6 +361,7 @@ def chain_macs(layer: LayerInfo, ring: int, bonds: Sequence[int]) -> int:
 
 def chain_params(layer: LayerInfo, ring: int, bonds: Sequence[int]) -> int:
     """Parameters of :class:`TensorNetworkConv` for ``layer``: the cores' sizes plus the bias."""
+    ins, spatial, outs = _checked_modes(layer, bonds)
     ranks = (ring, *bonds, ring)
-    weights = sum(ranks[k] * size * ranks[k + 1] for k, size in enumerate(_sizes(layer)))
+    weights = sum(ranks[k] * size * ranks[k + 1] for k, size in enumerate((*ins, spatial, *outs)))
     return weights + (layer.out_channels if layer.bias else 0)

@@ -32,6 +32,7 @@ import torch
 from rlrank.layers import LayerInfo
 from rlrank.methods.base import (
     CompressionMethod,
+    DecompositionError,
     FactorizedLayer,
     FactorSettings,
     Geometry,
@@ -59,7 +60,7 @@ class TRConv(TensorNetworkConv):
     def __init__(
         self, conv: Geometry, ranks: tuple[int, ...], device: torch.device | str | None = None
     ) -> None:
-        super().__init__(conv, ranks[0], tuple(ranks[1:]), ranks, device=device)
+        super().__init__(conv, *_split(ranks), ranks, device=device)
 
 
 def ring_full_ranks(sizes: tuple[int, ...]) -> tuple[int, ...]:
@@ -92,6 +93,13 @@ def ring_svd(
     return [head.contiguous(), *tail]
 
 
+def _split(ranks: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """The ring rank and the bond ranks of ``ranks``."""
+    if not ranks:
+        raise DecompositionError("tr needs a ring rank and bond ranks, got no ranks")
+    return ranks[0], tuple(ranks[1:])
+
+
 class TR(CompressionMethod):
     """Tensor-ring decomposition of the reshaped kernel (TR-SVD per ranks)."""
 
@@ -102,10 +110,10 @@ class TR(CompressionMethod):
         return ring_full_ranks((*ins, spatial, *outs))
 
     def macs(self, layer: LayerInfo, ranks: tuple[int, ...]) -> int:
-        return chain_macs(layer, ranks[0], ranks[1:])
+        return chain_macs(layer, *_split(ranks))
 
     def params(self, layer: LayerInfo, ranks: tuple[int, ...]) -> int:
-        return chain_params(layer, ranks[0], ranks[1:])
+        return chain_params(layer, *_split(ranks))
 
     def unfoldings(self, entry: LayerWeights) -> list[torch.Tensor]:
         return unfoldings(kernel_tensor(entry.weight, entry.layer))
