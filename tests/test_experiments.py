@@ -306,3 +306,14 @@ def test_every_script_has_a_smoke_test() -> None:
     tested = {name[len("test_") :] for name in globals() if name.startswith("test_bench_")}
     assert scripts <= tested, f"no smoke test for {sorted(scripts - tested)}"
     assert sys.modules[__name__].__doc__
+
+
+def test_bench_load(script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--model", "tiny", "--steps", "2", "--load-procs", "1", "--no-append"]
+    assert script("bench_load").main(argv) == 0
+    section = _section(capsys.readouterr().out, "Under load: 2 SGD steps of tiny (digits, batch 64)")
+    (table,) = _tables(section)
+    assert table["OMP_WAIT_POLICY"].tolist() == ["(unset)", "(unset)", "PASSIVE", "(unset)"]
+    assert table["busy processes"].tolist() == ["1", "1", "1", "0"]
+    assert table["torch threads"].tolist()[1] == "1"
+    assert all(float(s) > 0 for s in table["2 SGD steps (s)"])
