@@ -2,8 +2,11 @@
 
 One run: prints its summary tables and writes plots and ``report.md`` into ``RUN/analysis/``.
 Several runs: prints one comparison table and writes it, the overlaid running-best curves and
-``report.md`` into ``--out`` (default ``./analysis-compare``). Bad input (a missing folder, a folder
-that is not a run, parquet without pyarrow) exits with code 2 and one line on stderr.
+``report.md`` into ``--out``, by default ``analysis-compare/`` in the runs' common parent folder
+(``runs/a runs/b`` -> ``runs/analysis-compare/``), never the current folder; the output folder is
+printed first. Among several folders, one holding an earlier report and no run (what
+``runs/*/`` also matches) is skipped with a note. Bad input (a missing folder, a folder that is not
+a run, parquet without pyarrow) exits with code 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from rlrank.errors import UserError
 
 EXIT_USAGE = 2
 PROG = "rlrank-analyze"
-COMPARE_DIR = "analysis-compare"
+COMPARE_DIR = analysis.COMPARE_DIR
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,9 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "examples:\n"
-            "  rlrank-analyze runs/resnet18-flops0.5-20261122-101500            # -> RUN/analysis/report.md\n"
-            "  rlrank-analyze runs/*/ --out compare --top 5                     # compare runs\n"
-            "  rlrank-analyze RUN --export parquet                              # + RUN/analysis/episodes.parquet"
+            "  rlrank-analyze runs/resnet18-tucker2-ddpg-flops0.5-20261122-101500  # -> RUN/analysis/report.md\n"
+            f"  rlrank-analyze runs/*/ --top 5                                      # -> runs/{COMPARE_DIR}/report.md\n"
+            "  rlrank-analyze runs/a runs/b --out compare                          # -> compare/report.md\n"
+            "  rlrank-analyze RUN --export parquet                                 # + RUN/analysis/episodes.parquet\n"
+            "\n"
+            f"Several runs are compared in {COMPARE_DIR}/ in their common parent folder, not in the\n"
+            "current folder, unless --out DIR is given; the folder is printed first. A folder holding\n"
+            f"an earlier report and no run (runs/{COMPARE_DIR}/, matched by runs/*/) is skipped."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -61,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         metavar="DIR",
-        help=f"output folder (default: RUN/analysis for one run, ./{COMPARE_DIR} for several)",
+        help=(
+            f"output folder (default: RUN/analysis for one run; for several, {COMPARE_DIR}/ in the runs' "
+            f"common parent folder, e.g. runs/{COMPARE_DIR} for runs/a runs/b)"
+        ),
     )
     p.add_argument(
         "--top", type=_top, default=0, metavar="K", help="also list the K best distinct strategies"
@@ -94,11 +105,27 @@ def _analyse_one(info: analysis.RunInfo, out: str | None, top: int, export: str 
 
 
 def _analyse_many(infos: list[analysis.RunInfo], out: str | None, top: int, export: str | None) -> Path:
+    folder = Path(out) if out else analysis.comparison_dir(infos)
+    how = "--out" if out else "the runs' common parent folder; --out DIR to choose"
+    print(f"comparing {len(infos)} runs into {folder}/ ({how})")  # noqa: T201
     df = analysis.episodes_frame(infos)
     _print_table("runs and stages", analysis.stage_table(infos, df))
     if top:
         _print_table(f"top {top} distinct strategies", analysis.top_strategies(df, top))
-    return analysis.write_comparison_report(infos, out or COMPARE_DIR, top=top, export=export)
+    return analysis.write_comparison_report(infos, folder, top=top, export=export)
+
+
+def _runs_only(paths: list[str]) -> list[str]:
+    """Drop, among several folders, those holding an earlier report rather than a run."""
+    if len(paths) < 2:
+        return paths
+    kept = []
+    for path in paths:
+        if analysis.is_analysis_folder(path):
+            print(f"skipping {path}: the report of an earlier analysis, not a run")  # noqa: T201
+        else:
+            kept.append(path)
+    return kept or paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.export == "parquet":
             analysis.require_pyarrow()
-        infos = analysis.read_runs(args.runs)
+        infos = analysis.read_runs(_runs_only(args.runs))
         if len(infos) == 1:
             report = _analyse_one(infos[0], args.out, args.top, args.export)
         else:

@@ -336,6 +336,127 @@ def test_compare_report_library(run_dir: Path, run_copy: Path, tmp_path: Path) -
 
 
 # ------------------------------------------------------------------------------------------
+# output a person can read: where a comparison goes, and plots that say what they draw
+# ------------------------------------------------------------------------------------------
+
+
+def _close(fig: object) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _copy_run(run_dir: Path, to: Path) -> Path:
+    return Path(shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("*.pt")))
+
+
+def test_compare_goes_beside_the_runs_not_the_current_folder(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rlrank.analysis import comparison_dir
+    from rlrank.analyze import build_parser
+
+    parent = tmp_path / "runs"
+    runs = [_copy_run(run_dir, parent / name) for name in ("a", "b")]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main([str(run) for run in runs]) == 0
+    printed = capsys.readouterr().out
+    out = parent / "analysis-compare"
+    assert comparison_dir(runs) == out
+    assert list(elsewhere.iterdir()) == []
+    assert (out / "running_best.png").stat().st_size > 1024
+    _assert_links_exist(out / "report.md")
+    assert printed.splitlines()[0].startswith(f"comparing 2 runs into {out}/ (")  # said first ...
+    assert f"wrote {out / 'report.md'}" in printed  # ... and last
+    # the next `rlrank-analyze runs/*/` also names runs/analysis-compare/: skipped, not an error
+    assert main([f"{path}/" for path in sorted(parent.iterdir())]) == 0
+    assert f"skipping {out}/" in capsys.readouterr().out
+    assert "common parent folder" in " ".join(build_parser().format_help().split())
+
+
+def test_reward_legend_explains_every_marker(run_dir: Path) -> None:
+    from rlrank.analysis import reward_figure
+
+    df = load_episodes(run_dir)
+    df.loc[df.index[-1], ["failed", "failure"]] = [True, "validation loss is nan"]
+    df.loc[df.index[-2], "budget"] = 0.7  # played at another budget than the stage's 0.5
+    fig = reward_figure(df)
+    ax = fig.axes[0]
+    texts = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert texts == [
+        "stage 1: running best",
+        "episode at the stage's budget (competes for the best)",
+        "failed episode (diverged fine-tune or NaN loss; never the best)",
+        "episode at another budget (not ranked)",
+    ]
+
+    def drawn_at(row: pd.Series) -> np.ndarray:  # the marker of the scatter holding that episode
+        point = [row["episode"], row["reward"]]
+        hits = [c for c in ax.collections if np.isclose(c.get_offsets(), point).all(axis=1).any()]
+        assert len(hits) == 1
+        return hits[0].get_paths()[0].vertices
+
+    for row, text in zip(df.iloc[[0, -1, -2]].itertuples(), texts[1:], strict=True):
+        key = next(c for c in ax.collections if c.get_label() == text)
+        np.testing.assert_array_equal(drawn_at(pd.Series(row._asdict())), key.get_paths()[0].vertices)
+    _close(fig)
+    clean = reward_figure(load_episodes(run_dir))  # only what is drawn is explained
+    assert len(clean.axes[0].get_legend().get_texts()) == 2
+    _close(clean)
+
+
+def test_pareto_plot_when_every_episode_spends_the_budget(run_copy: Path, tmp_path: Path) -> None:
+    from rlrank.analysis import FLAT_SPAN, pareto_axis, pareto_figure
+
+    df = load_episodes(run_copy)
+    assert pareto_axis(df) == "flops_ratio"  # the tiny search's FLOPs vary: the usual plot
+    flat = df.assign(
+        flops_ratio=np.linspace(0.49987, 0.5, len(df)), params_ratio=np.linspace(0.4, 0.55, len(df))
+    )
+    assert pareto_axis(flat) == "params_ratio"
+    fig = pareto_figure(flat)
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("parameter ratio") and "0.49987 to 0.5" in ax.get_xlabel()
+    assert "every episode spent the FLOP budget" in ax.get_title()
+    low, high = ax.get_xlim()
+    assert low <= 0.4 and high >= 0.55
+    _close(fig)
+    one = pareto_figure(flat.iloc[:1])  # nothing varies: the FLOP axis is widened, and says so
+    low, high = one.axes[0].get_xlim()
+    assert high - low == pytest.approx(0.1) and low < 0.49987 and high > 0.5
+    assert "axis widened" in one.axes[0].get_xlabel()
+    assert FLAT_SPAN < 0.02
+    _close(one)
+    log = run_copy / "stage-1" / "episodes.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row.update(flops_ratio=0.49987 + 1e-5 * i, params_ratio=0.4 + 0.03 * i)
+    log.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = write_run_report(run_copy, tmp_path)
+    assert "### Accuracy vs parameter ratio, Pareto front" in report.read_text()
+
+
+def test_comparison_draws_a_one_episode_run(run_dir: Path, run_copy: Path) -> None:
+    from rlrank.analysis import running_best_figure
+
+    log = run_copy / "stage-1" / "episodes.jsonl"
+    log.write_text(log.read_text().splitlines(keepends=True)[0])  # like a rule-based run
+    df = load_episodes([run_dir, run_copy])
+    sizes = df.groupby("run").size()
+    rule = sizes.index[sizes == 1][0]
+    reward = df.loc[df["run"] == rule, "reward"].iat[0]
+    fig = running_best_figure(df)
+    lines = [line for line in fig.axes[0].get_lines() if line.get_label().startswith(rule)]
+    assert len(lines) == 1
+    assert lines[0].get_marker() not in ("None", "", " ", None)
+    assert list(lines[0].get_xdata()) == [0] and list(lines[0].get_ydata()) == [reward]
+    assert "one episode" in lines[0].get_label()
+    _close(fig)
+
+
+# ------------------------------------------------------------------------------------------
 # no torch
 # ------------------------------------------------------------------------------------------
 

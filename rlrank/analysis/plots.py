@@ -1,16 +1,24 @@
 """Figures of an episode frame (matplotlib, Agg backend): reward and running best, kept rank ratio
-per layer, accuracy vs FLOPs with the Pareto front, and each stage's best strategy."""
+per layer, accuracy vs cost with the Pareto front, and each stage's best strategy.
+
+Each figure has a builder that returns the :class:`~matplotlib.figure.Figure` (``*_figure``, to
+show in a notebook or inspect) and a ``plot_*`` function that writes it as a PNG and closes it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from rlrank.analysis.runs import RANK, RATIO, RunPath, layer_names
 from rlrank.analysis.tables import best_episodes, eligible, pareto_front, running_best
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 PLOTS = {
     "reward": "reward.png",
@@ -21,6 +29,12 @@ PLOTS = {
 """The file names of a run report's plots."""
 COMPARE_PLOT = "running_best.png"
 """The file name of a comparison report's plot."""
+FLAT_SPAN = 0.01
+"""FLOP ratios spanning less than this (1 % of the dense FLOPs) are "flat": every episode spent the
+whole budget, and the Pareto plot uses another x-axis (see :func:`pareto_axis`)."""
+WIDENED_SPAN = 0.1
+"""The width of a flat FLOP axis once widened (:func:`pareto_figure`)."""
+GRAY = "0.35"
 
 
 def _pyplot() -> Any:
@@ -32,7 +46,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: RunPath) -> Path:
+def _save(fig: Figure, path: RunPath) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -54,12 +68,64 @@ def _groups(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def _title(df: pd.DataFrame, what: str) -> str:
+    """``what``, after the run's name when there is one run (on a line of its own when long)."""
     runs = df["run"].unique()
-    return f"{runs[0]}: {what}" if len(runs) == 1 else what
+    if len(runs) != 1:
+        return what
+    return f"{runs[0]}: {what}" if len(runs[0]) + len(what) <= 60 else f"{runs[0]}\n{what}"
+
+
+def _between(values: pd.Series) -> str:
+    """``"0.49987 to 0.5"``, or ``"0.5"`` when all equal."""
+    low, high = f"{values.min():.5g}", f"{values.max():.5g}"
+    return low if low == high else f"{low} to {high}"
+
+
+def reward_figure(df: pd.DataFrame) -> Figure:
+    """Reward per episode with the running best, one colour per run and stage.
+
+    Markers (explained in the legend, in gray, shown only when drawn): ``o`` an episode that
+    competes for the stage's best (at the stage's budget, not failed); ``x`` a failed episode
+    (fine-tune fault or non-finite validation loss: logged with accuracy 0, never the best); ``+``
+    an episode at another budget than the stage's (a policy trained on several budgets; not ranked).
+    The coloured step line is the running best of the ``o`` episodes.
+
+    Args:
+        df: An episode frame (:func:`rlrank.analysis.load_episodes`).
+
+    Returns:
+        The figure (one Axes); close it with ``matplotlib.pyplot.close`` when done.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    best = running_best(df)
+    drawn = {"o": False, "x": False, "+": False}
+    for i, (label, part) in enumerate(_groups(df)):
+        ok, failed = eligible(part), part["failed"]
+        episodes, rewards, color = part["episode"], part["reward"], f"C{i % 10}"
+        for marker, rows in {"o": ok, "x": failed, "+": ~ok & ~failed}.items():
+            shown = rows & rewards.notna()
+            if shown.any():
+                drawn[marker] = True
+                size = 16 if marker == "o" else 24
+                ax.scatter(episodes[shown], rewards[shown], s=size, marker=marker, color=color, alpha=0.6)
+        ax.step(episodes, best[part.index], where="post", color=color, lw=2, label=f"{label}: running best")
+    keys = {
+        "o": "episode at the stage's budget (competes for the best)",
+        "x": "failed episode (diverged fine-tune or NaN loss; never the best)",
+        "+": "episode at another budget (not ranked)",
+    }
+    for marker, text in keys.items():
+        if drawn[marker]:
+            ax.scatter([], [], s=24, marker=marker, color=GRAY, label=text)
+    ax.set(xlabel="episode", ylabel="reward", title=_title(df, "reward per episode and running best"))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return fig
 
 
 def plot_reward(df: pd.DataFrame, path: RunPath) -> Path:
-    """Reward per episode (crosses: failed or at another budget) with the running best, per stage.
+    """Write :func:`reward_figure` as a PNG.
 
     Args:
         df: An episode frame (:func:`rlrank.analysis.load_episodes`).
@@ -68,23 +134,46 @@ def plot_reward(df: pd.DataFrame, path: RunPath) -> Path:
     Returns:
         ``path``, as a :class:`~pathlib.Path`.
     """
+    return _save(reward_figure(df), path)
+
+
+def running_best_figure(df: pd.DataFrame) -> Figure:
+    """The running best reward of several runs (and stages), overlaid.
+
+    Every curve ends in a marker at its last episode. A run or stage with a single episode (a
+    rule-based run) has no curve to step along: its reward is drawn as a diamond and a dotted
+    horizontal line across the plot, to compare the searches with.
+
+    Args:
+        df: An episode frame (:func:`rlrank.analysis.load_episodes`), usually of several runs.
+
+    Returns:
+        The figure (one Axes); close it with ``matplotlib.pyplot.close`` when done.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     best = running_best(df)
     for i, (label, part) in enumerate(_groups(df)):
-        ok = eligible(part)
         color = f"C{i % 10}"
-        ax.scatter(part["episode"][ok], part["reward"][ok], s=16, color=color, alpha=0.6)
-        ax.scatter(part["episode"][~ok], part["reward"][~ok], s=20, marker="x", color=color, alpha=0.6)
-        ax.step(part["episode"], best[part.index], where="post", color=color, lw=2, label=f"{label} best")
-    ax.set(xlabel="episode", ylabel="reward", title=_title(df, "reward per episode and running best"))
+        curve = best[part.index]
+        points = curve.notna()
+        if points.sum() == 1 and len(part) == 1:
+            x, y = part["episode"][points].iat[0], curve[points].iat[0]
+            ax.axhline(y, color=color, ls=":", lw=1.5)
+            ax.plot([x], [y], marker="D", ms=8, ls=":", color=color, label=f"{label} (one episode)")
+            continue
+        ax.step(part["episode"], curve, where="post", lw=2, color=color, label=label)
+        if points.any():
+            last = curve[points].index[-1]
+            ax.plot([part["episode"][last]], [curve[last]], marker="o", ms=6, ls="", color=color)
+    ax.set(xlabel="episode", ylabel="best reward so far", title=_title(df, "running best reward"))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def plot_running_best(df: pd.DataFrame, path: RunPath) -> Path:
-    """The running best reward of several runs (and stages), overlaid.
+    """Write :func:`running_best_figure` as a PNG.
 
     Args:
         df: An episode frame (:func:`rlrank.analysis.load_episodes`), usually of several runs.
@@ -93,26 +182,17 @@ def plot_running_best(df: pd.DataFrame, path: RunPath) -> Path:
     Returns:
         ``path``, as a :class:`~pathlib.Path`.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5))
-    best = running_best(df)
-    for i, (label, part) in enumerate(_groups(df)):
-        ax.step(part["episode"], best[part.index], where="post", lw=2, color=f"C{i % 10}", label=label)
-    ax.set(xlabel="episode", ylabel="best reward so far", title=_title(df, "running best reward"))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return _save(running_best_figure(df), path)
 
 
-def plot_ratios(df: pd.DataFrame, path: RunPath) -> Path:
+def ratios_figure(df: pd.DataFrame) -> Figure:
     """Heatmap of every layer's kept rank ratio (rows) over the episodes (columns), stage after stage.
 
     Args:
         df: An episode frame (:func:`rlrank.analysis.load_episodes`).
-        path: The PNG file to write (its folder is created).
 
     Returns:
-        ``path``, as a :class:`~pathlib.Path`.
+        The figure; close it with ``matplotlib.pyplot.close`` when done.
     """
     plt = _pyplot()
     layers = layer_names(df)
@@ -133,11 +213,11 @@ def plot_ratios(df: pd.DataFrame, path: RunPath) -> Path:
     ax.set_xlabel("episode")
     ax.set_title(_title(df, "kept rank ratio per layer"), pad=18 if len(groups) > 1 else 6)
     fig.colorbar(image, ax=ax, label="kept rank ratio")
-    return _save(fig, path)
+    return fig
 
 
-def plot_pareto(df: pd.DataFrame, path: RunPath) -> Path:
-    """Validation accuracy vs FLOP ratio of every successful episode, the Pareto front highlighted.
+def plot_ratios(df: pd.DataFrame, path: RunPath) -> Path:
+    """Write :func:`ratios_figure` as a PNG.
 
     Args:
         df: An episode frame (:func:`rlrank.analysis.load_episodes`).
@@ -146,28 +226,89 @@ def plot_pareto(df: pd.DataFrame, path: RunPath) -> Path:
     Returns:
         ``path``, as a :class:`~pathlib.Path`.
     """
+    return _save(ratios_figure(df), path)
+
+
+def _span(values: pd.Series) -> float:
+    values = values.dropna()
+    return float(values.max() - values.min()) if len(values) else 0.0
+
+
+def pareto_axis(df: pd.DataFrame) -> str:
+    """The cost column of the Pareto plot: ``"flops_ratio"``, or ``"params_ratio"`` when flat.
+
+    When the FLOP ratios of the successful episodes span less than :data:`FLAT_SPAN` (every episode
+    spent the whole budget, as the environment makes them), the FLOP axis shows only rounding noise
+    (say 0.49987 to 0.50000); the parameter ratio still varies with the ranks chosen (a layer's
+    parameters and FLOPs differ by its output size), so the plot uses it, when it spans at least
+    :data:`FLAT_SPAN` itself.
+
+    Args:
+        df: An episode frame (:func:`rlrank.analysis.load_episodes`).
+    """
+    ok = df[~df["failed"]]
+    if _span(ok["flops_ratio"]) >= FLAT_SPAN or _span(ok["params_ratio"]) < FLAT_SPAN:
+        return "flops_ratio"
+    return "params_ratio"
+
+
+def pareto_figure(df: pd.DataFrame) -> Figure:
+    """Validation accuracy vs cost of every successful episode, the Pareto front highlighted.
+
+    The cost is the FLOP ratio, with each stage's budget as a dashed line, unless the FLOP ratios
+    are flat (:func:`pareto_axis`): then it is the parameter ratio, and the title and axis label say
+    that every episode spent the FLOP budget and give the FLOP ratios' range. When both are flat
+    (one episode, say), the FLOP axis is widened to :data:`WIDENED_SPAN` around the episodes and its
+    label says so, instead of magnifying rounding noise.
+
+    Args:
+        df: An episode frame (:func:`rlrank.analysis.load_episodes`).
+
+    Returns:
+        The figure (one Axes); close it with ``matplotlib.pyplot.close`` when done.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    for i, (label, part) in enumerate(_groups(df[~df["failed"]])):
+    ok = df[~df["failed"]]
+    x = pareto_axis(df)
+    for i, (label, part) in enumerate(_groups(ok)):
         color = f"C{i % 10}"
-        ax.scatter(
-            part["flops_ratio"], part["accuracy"], s=16, color=color, alpha=0.35, label=f"{label} episodes"
-        )
-        front = pareto_front(part)
-        ax.plot(front["flops_ratio"], front["accuracy"], drawstyle="steps-post", color=color, lw=1.5)
-        ax.scatter(front["flops_ratio"], front["accuracy"], s=46, color=color, edgecolor="black", zorder=3)
+        ax.scatter(part[x], part["accuracy"], s=16, color=color, alpha=0.35, label=f"{label} episodes")
+        front = pareto_front(part, x=x)
+        ax.plot(front[x], front["accuracy"], drawstyle="steps-post", color=color, lw=1.5)
+        ax.scatter(front[x], front["accuracy"], s=46, color=color, edgecolor="black", zorder=3)
         budget = part["stage_budget"].dropna()
-        if len(budget):
+        if len(budget) and x == "flops_ratio":
             ax.axvline(budget.iat[0], color=color, ls="--", lw=1, label=f"{label} budget")
-    ax.set(xlabel="FLOP ratio (of dense)", ylabel="validation accuracy (cheap fine-tune)")
-    ax.set_title(_title(df, "accuracy vs FLOPs, Pareto front"))
+    ax.set_ylabel("validation accuracy (cheap fine-tune)")
+    _label_cost_axis(ax, ok, x)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def plot_best_strategy(df: pd.DataFrame, path: RunPath) -> Path:
-    """Each stage's best strategy: kept rank ratio per layer as bars, labelled with the ranks.
+def _label_cost_axis(ax: Axes, ok: pd.DataFrame, x: str) -> None:
+    flops = ok["flops_ratio"].dropna()
+    if x == "params_ratio":
+        ax.set_xlabel(f"parameter ratio (of dense)\n(FLOP ratio of every episode: {_between(flops)})")
+        ax.set_title(
+            _title(ok, "accuracy vs parameters, Pareto front\n(every episode spent the FLOP budget)")
+        )
+        return
+    ax.set_title(_title(ok, "accuracy vs FLOPs, Pareto front"))
+    if len(flops) and _span(flops) < FLAT_SPAN:
+        budgets = ok["stage_budget"].dropna()
+        values = pd.concat([flops, budgets])
+        middle = (values.min() + values.max()) / 2
+        half = max(WIDENED_SPAN, _span(values) * 1.2) / 2
+        ax.set_xlim(middle - half, middle + half)
+        ax.set_xlabel(f"FLOP ratio (of dense)\n(every episode at {_between(flops)}: axis widened)")
+    else:
+        ax.set_xlabel("FLOP ratio (of dense)")
+
+
+def plot_pareto(df: pd.DataFrame, path: RunPath) -> Path:
+    """Write :func:`pareto_figure` as a PNG.
 
     Args:
         df: An episode frame (:func:`rlrank.analysis.load_episodes`).
@@ -175,6 +316,18 @@ def plot_best_strategy(df: pd.DataFrame, path: RunPath) -> Path:
 
     Returns:
         ``path``, as a :class:`~pathlib.Path`.
+    """
+    return _save(pareto_figure(df), path)
+
+
+def best_strategy_figure(df: pd.DataFrame) -> Figure:
+    """Each stage's best strategy: kept rank ratio per layer as bars, labelled with the ranks.
+
+    Args:
+        df: An episode frame (:func:`rlrank.analysis.load_episodes`).
+
+    Returns:
+        The figure (one Axes); close it with ``matplotlib.pyplot.close`` when done.
     """
     plt = _pyplot()
     layers = layer_names(df)
@@ -195,4 +348,17 @@ def plot_best_strategy(df: pd.DataFrame, path: RunPath) -> Path:
     )
     ax.set(ylim=(0, 1.2), ylabel="kept rank ratio", title=_title(df, "best strategy (bar labels: ranks)"))
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
+
+
+def plot_best_strategy(df: pd.DataFrame, path: RunPath) -> Path:
+    """Write :func:`best_strategy_figure` as a PNG.
+
+    Args:
+        df: An episode frame (:func:`rlrank.analysis.load_episodes`).
+        path: The PNG file to write (its folder is created).
+
+    Returns:
+        ``path``, as a :class:`~pathlib.Path`.
+    """
+    return _save(best_strategy_figure(df), path)

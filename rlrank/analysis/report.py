@@ -1,5 +1,6 @@
-"""Markdown reports of one run or a comparison of runs (tables, plots, links), and the export of
-the episode frame as CSV or parquet."""
+"""Markdown reports of one run or a comparison of runs (tables, plots, links), where they go by
+default (``RUN/analysis/``; ``analysis-compare/`` beside the runs), and the export of the episode
+frame as CSV or parquet."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pandas as pd
 from rlrank.analysis.plots import (
     COMPARE_PLOT,
     PLOTS,
+    pareto_axis,
     plot_best_strategy,
     plot_pareto,
     plot_ratios,
@@ -38,13 +40,51 @@ from rlrank.analysis.tables import (
     time_table,
     top_strategies,
 )
+from rlrank.run_folder import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
 ANALYSIS_DIR = "analysis"
 """The folder of a run's report, inside the run folder."""
 REPORT = "report.md"
+COMPARE_DIR = "analysis-compare"
+"""The default folder of a comparison report, in the runs' common parent folder."""
 EXPORT_FORMATS = ("csv", "parquet")
+_RUN_TITLE = "# Analysis of run "
+_COMPARE_TITLE = "# Comparison of runs"
+
+
+def comparison_dir(runs: Sequence[RunPath | RunInfo]) -> Path:
+    """Where a comparison of ``runs`` goes by default: ``analysis-compare/`` in their common parent.
+
+    Runs in ``runs/`` give ``runs/analysis-compare``; runs in different folders give that folder
+    in the deepest folder holding them all (an absolute path either way).
+
+    Args:
+        runs: The run folders (or runs as read by :func:`read_runs`); at least one.
+
+    Returns:
+        The output folder (not created).
+    """
+    paths = [Path(run.path if isinstance(run, RunInfo) else run) for run in runs]
+    parents = [os.path.dirname(os.path.abspath(path)) for path in paths]
+    return Path(os.path.commonpath(parents)) / COMPARE_DIR
+
+
+def is_analysis_folder(path: RunPath) -> bool:
+    """Whether ``path`` holds a report written here (and is not a run), e.g. an earlier comparison.
+
+    ``rlrank-analyze runs/*/`` also matches ``runs/analysis-compare/``; the command skips it.
+    """
+    path = Path(path)
+    if (path / CONFIG_FILE).exists() or not (path / REPORT).is_file():
+        return False
+    try:
+        with open(path / REPORT, encoding="utf-8") as handle:
+            first = handle.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first.startswith((_RUN_TITLE, _COMPARE_TITLE))
 
 
 def export_episodes(df: pd.DataFrame, out: RunPath, fmt: str) -> Path:
@@ -112,7 +152,7 @@ def write_run_report(
     df = episodes_frame([info])
     out = Path(out) if out is not None else info.path / ANALYSIS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Analysis of run `{info.name}`", "", *_run_header(info, df), ""]
+    lines = [f"{_RUN_TITLE}`{info.name}`", "", *_run_header(info, df), ""]
     lines += _section("Stages", stage_table([info], df).drop(columns="run"))
     lines += _section("Best strategy per layer", best_strategy_table(df).drop(columns="run"))
     lines += _section("Mean time per episode (seconds)", time_table(df).drop(columns="run"))
@@ -124,13 +164,14 @@ def write_run_report(
 
 
 def write_comparison_report(
-    runs: Sequence[RunPath | RunInfo], out: RunPath, top: int = 0, export: str | None = None
+    runs: Sequence[RunPath | RunInfo], out: RunPath | None = None, top: int = 0, export: str | None = None
 ) -> Path:
     """Compare several runs: one table per run and stage, overlaid running-best curves, ``report.md``.
 
     Args:
         runs: The run folders (or runs as read by :func:`read_runs`).
-        out: The output folder.
+        out: The output folder (default: :func:`comparison_dir`, ``analysis-compare/`` in the
+            runs' common parent folder).
         top: Also list the ``top`` best distinct strategies over all runs (0: no).
         export: Also write the joined episode frame (``"csv"`` or ``"parquet"``).
 
@@ -140,9 +181,9 @@ def write_comparison_report(
     _check_export(export)
     infos = read_runs(runs)
     df = episodes_frame(infos)
-    out = Path(out)
+    out = Path(out) if out is not None else comparison_dir(infos)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["# Comparison of runs", ""]
+    lines = [_COMPARE_TITLE, ""]
     lines += [f"- [`{info.name}`]({_relative(info.path, out)}): {describe_run(info)}" for info in infos]
     lines.append("")
     lines += _section("Runs and stages", stage_table(infos, df))
@@ -183,7 +224,7 @@ def _plot_section(df: pd.DataFrame, out: Path) -> list[str]:
     plots = [
         ("Reward per episode", PLOTS["reward"], plot_reward, True),
         ("Kept rank ratio per layer over the episodes", PLOTS["ratios"], plot_ratios, bool(layer_names(df))),
-        ("Accuracy vs FLOP ratio, Pareto front", PLOTS["pareto"], plot_pareto, bool((~df["failed"]).any())),
+        (_pareto_title(df), PLOTS["pareto"], plot_pareto, bool((~df["failed"]).any())),
         ("Best strategy", PLOTS["best"], plot_best_strategy, not best_episodes(df).empty),
     ]
     lines = ["## Plots", ""]
@@ -194,6 +235,12 @@ def _plot_section(df: pd.DataFrame, out: Path) -> list[str]:
         else:
             lines += [f"### {title}", "", "Not enough data for this plot yet.", ""]
     return lines
+
+
+def _pareto_title(df: pd.DataFrame) -> str:
+    if pareto_axis(df) == "params_ratio":
+        return "Accuracy vs parameter ratio, Pareto front (every episode spent the FLOP budget)"
+    return "Accuracy vs FLOP ratio, Pareto front"
 
 
 def _export_section(df: pd.DataFrame, out: Path, export: str | None) -> list[str]:
