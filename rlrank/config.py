@@ -100,7 +100,11 @@ class SearchConfig:
         help="factorization of kxk convs; 1x1 convs and linear layers use SVD",
     )
     hooi_iters: int = option(
-        0, group=BUDGET, type=count, help="HOOI sweeps refining each Tucker-2 truncation"
+        0,
+        group=BUDGET,
+        type=count,
+        help="HOOI (alternating least squares) sweeps refining each Tucker-2 truncation after the "
+        "truncated HOSVD; each costs SVDs per layer and strategy, so 0 (plain truncation) is the fast choice",
     )
     data_aware: bool = option(
         False,
@@ -110,7 +114,13 @@ class SearchConfig:
     data_aware_batches: int = option(
         8, group=BUDGET, type=positive, help="training batches observed for --data-aware"
     )
-    min_ratio: float = option(0.05, group=BUDGET, type=fraction, help="smallest rank ratio of a layer")
+    min_ratio: float = option(
+        0.05,
+        group=BUDGET,
+        type=fraction,
+        help="smallest rank ratio an episode may give a layer (ranks = ratio x full rank, at least 1); "
+        "it also bounds the smallest reachable budget",
+    )
     fill_budget: bool = option(
         True,
         group=BUDGET,
@@ -164,7 +174,9 @@ class SearchConfig:
         "copy",
         group=SEARCH,
         choices=("copy", "bootstrap"),
-        help="copy the final reward to every step (AMC) or bootstrap",
+        help="how DDPG credits the per-layer actions with the one reward at the episode's end: copy it "
+        "to every step (AMC; with gamma 1 that is each step's return) or bootstrap from the next "
+        "step's value (plain TD)",
     )
     reward: str = option(
         "acc", group=SEARCH, choices="rlrank.envs:REWARDS", help="acc, or AMC's -error*log(FLOPs)"
@@ -261,6 +273,12 @@ class SearchConfig:
         0, group=RUN, type=seed_number, help="seed of the agent, fine-tunes and dense training"
     )
     out: str = option("runs", group=RUN, help="folder for run folders")
+    name: str | None = option(
+        None,
+        group=RUN,
+        help="name of the run folder (default: MODEL-METHOD-AGENT-flopsF[-Nstages]-TIME, e.g. "
+        "resnet20-tucker2-ddpg-flops0.5-20261203-101500; a suffix is added if it exists)",
+    )
     checkpoint_every: int = option(
         1, resume_safe=True, group=RUN, type=positive, help="episodes between resume checkpoints"
     )

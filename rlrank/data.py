@@ -229,7 +229,7 @@ def split_train_val(pool: ImageSplit, val_size: float, seed: int) -> tuple[Image
         seed: The split is a deterministic function of ``seed``.
     """
     n = len(pool)
-    if not (math.isfinite(val_size) and val_size > 0):
+    if not (math.isfinite(val_size) and val_size >= 0):
         raise DataError(f"val_size must be a fraction in (0, 1) or a count >= 1, got {val_size}")
     n_val = int(round(val_size * n)) if val_size < 1 else int(val_size)
     n_classes = len(torch.unique(pool.labels))

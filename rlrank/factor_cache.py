@@ -110,9 +110,7 @@ class FactorCache:
         """Factorize every cached layer now (otherwise each is done on first use)."""
         from tqdm.auto import tqdm
 
-        for name in tqdm(
-            self.layers, desc="factorizing layers", unit="layer", disable=not progress, leave=False
-        ):
+        for name in tqdm(self.layers, desc="factorizing layers", unit="layer", disable=not progress):
             self.prepare(name)
 
     def spectra(self, name: str) -> list[LayerSpectrum]:

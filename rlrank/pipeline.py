@@ -35,13 +35,18 @@ from rlrank.run_folder import (
     read_json,
 )
 from rlrank.stage import run_stage
+from rlrank.threads import available_cpus, busy_load
 
 logger = logging.getLogger(__name__)
 
 
 def run_name(config: SearchConfig) -> str:
-    """The default name of a new run folder: model, budget and start time."""
-    return f"{config.model}-flops{config.flops:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """The name of a new run folder: ``--name``, or model, method, agent, budget, stages and start time."""
+    if config.name:
+        return config.name
+    stages = f"-{config.stages}stages" if config.stages > 1 else ""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{config.model}-{config.decomposition}-{config.agent}-flops{config.flops:g}{stages}-{stamp}"
 
 
 def run(
@@ -153,24 +158,12 @@ def _stages_and_report(folder: RunFolder, setup: Setup, started: float, progress
     # ---- the stages: search -> decompose -> fine-tune, each on the model the last one produced
     stages: list[dict[str, Any]] = []
     budgets = config.budgets_of_stages()
-    previous_val = dense.val_accuracy
     for k, budget in enumerate(budgets, start=1):
         last = k == len(budgets)
         model, result = run_stage(
             folder, setup, model, dense_model, dense_cost.params, k, budget, last, progress
         )
-        improved = result.val_accuracy >= previous_val
-        if not improved and k > 1:
-            logger.warning(
-                "stage %d did not improve on stage %d: val accuracy %.4f -> %.4f at budget %.3f",
-                k,
-                k - 1,
-                previous_val,
-                result.val_accuracy,
-                budget,
-            )
-        previous_val = result.val_accuracy
-        stages.append({**result.to_dict(), "improved": improved})
+        stages.append(result.to_dict())
 
     # ---- the report: test accuracy (first and only use of the test split), cost, latency
     report = build_report(
@@ -178,6 +171,11 @@ def _stages_and_report(folder: RunFolder, setup: Setup, started: float, progress
     )
     if config.latency:
         report.latency_ms = latency(dense_model, model, setup.input_shape, setup.device)
+        load = busy_load()
+        if load is not None and setup.device.type == "cpu":
+            report.latency_unreliable = (
+                f"the machine was busy (load average {load:.1f} on {available_cpus()} CPUs)"
+            )
     save(folder / MODEL_FILE, model, setup.spec, {"report": REPORT_FILE, "budget": config.flops})
     report.wall_seconds = time.perf_counter() - started
     write_json(folder / REPORT_FILE, report.to_dict())

@@ -90,11 +90,6 @@ def validate(config: SearchConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if config.episodes == 0 and not spec.plays_absolute_ratios and not config.policy:
         raise ConfigError("--episodes 0 needs --policy (to roll out a saved policy) or a rule-based agent")
-    if spec.learns and not config.policy and config.episodes > 0 and config.warmup >= config.episodes:
-        raise ConfigError(
-            f"--warmup {config.warmup} >= --episodes {config.episodes}: the agent would never learn; "
-            f"lower --warmup (e.g. --warmup {max(1, config.episodes // 4)}) or use --agent random"
-        )
     if config.action_center != "uniform" and config.action_space != "relative":
         raise ConfigError("--action-center needs --action-space relative")
     if config.stages < 1:
@@ -172,6 +167,12 @@ def prepare(config: SearchConfig) -> Setup:
         if budget < smallest - 1e-12:
             raise BudgetError(budget, smallest)
     setup = Setup(config, device, data, spec, model, layers, input_shape)
+    if agent_spec(config.agent).learns and not config.policy and 0 < config.episodes <= config.warmup:
+        setup.warnings.append(
+            f"--warmup {config.warmup} >= --episodes {config.episodes}: the agent only plays its warm-up "
+            f"and never learns; lower --warmup (e.g. --warmup {config.episodes // 4}) or use --agent random"
+        )
+        logger.warning(setup.warnings[-1])
     if config.policy:
         setup.policy_meta, warning = check_policy(config)
         if warning:

@@ -120,10 +120,11 @@ class Report:
     """``report.json``: dense vs compressed, the stages, the cost of the search.
 
     Attributes:
-        stages: Every stage's :class:`StageResult` as a dict, plus ``improved`` (whether its
-            validation accuracy reached the previous stage's).
+        stages: Every stage's :class:`StageResult` as a dict.
         latency_ms: Per batch size, dense and compressed latency and the speed-up (``None`` with
             ``--no-latency``).
+        latency_unreliable: Why the latency figures cannot be trusted (the machine was busy while
+            they were measured), or ``None``.
     """
 
     model: str
@@ -140,6 +141,7 @@ class Report:
     search_seconds: float
     warnings: list[str] = field(default_factory=list)
     latency_ms: dict[str, dict[str, float]] | None = None
+    latency_unreliable: str | None = None
     wall_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,4 +150,6 @@ class Report:
         data["compressed"] = self.compressed.to_dict()
         if self.latency_ms is None:
             del data["latency_ms"]
+        if self.latency_unreliable is None:
+            del data["latency_unreliable"]
         return data

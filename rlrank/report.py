@@ -89,9 +89,11 @@ def summarize(report: dict[str, Any]) -> str:
     ]
     if "latency_ms" in report:
         lat = report["latency_ms"]
+        unreliable = report.get("latency_unreliable")
         lines.append(
             f"latency on {report['device']}: batch 1 {lat['batch1']['dense']:.2f} -> {lat['batch1']['compressed']:.2f} ms, "
             f"batch 64 {lat['batch64']['dense']:.2f} -> {lat['batch64']['compressed']:.2f} ms"
+            + (f" (unreliable: {unreliable})" if unreliable else "")
         )
     if "run_dir" in report:
         lines.append(f"run folder: {report['run_dir']}")

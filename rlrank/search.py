@@ -39,7 +39,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
             "  rlrank-search --model resnet18 --flops 0.5                       # embedded digits data\n"
             "  rlrank-search --model resnet20 --flops 0.5 --dataset imagefolder \\\n"
             "      --data-dir ../shared/data/cifar10-jpeg.tar.gz --checkpoint ../shared/models/cifar-resnet/resnet20-jpeg.pt\n"
-            "  rlrank-search --resume runs/resnet18-flops0.5-20261122-101500   # continue a killed search"
+            "  rlrank-search --resume runs/resnet18-tucker2-ddpg-flops0.5-20261122-101500   # continue a killed search"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

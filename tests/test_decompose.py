@@ -107,13 +107,13 @@ def test_unknown_decomposition_is_named() -> None:
     model = nn.Sequential(nn.Conv2d(4, 4, 3))
     (layer,) = describe_layers(model, (4, 5, 5))
     for call in (
-        lambda: check_decomposition("tt"),
-        lambda: method_for(layer, "tt"),
-        lambda: full_ranks(layer, "tt"),
-        lambda: plan_layer(layer, 0.5, "tt"),
-        lambda: FactorCache(model, [layer], "tt"),
+        lambda: check_decomposition("tensor-magic"),
+        lambda: method_for(layer, "tensor-magic"),
+        lambda: full_ranks(layer, "tensor-magic"),
+        lambda: plan_layer(layer, 0.5, "tensor-magic"),
+        lambda: FactorCache(model, [layer], "tensor-magic"),
     ):
-        with pytest.raises(DecompositionError, match="unknown decomposition 'tt'"):
+        with pytest.raises(DecompositionError, match="unknown decomposition 'tensor-magic'"):
             call()
 
 

@@ -216,10 +216,11 @@ def test_layer_info_dict_round_trip() -> None:
 def test_unknown_method_in_formulas() -> None:
     module, shape = GEOMETRIES["conv1x1"]
     (layer,) = describe_layers(nn.Sequential(module), shape)
-    with pytest.raises(ValueError, match="unknown decomposition 'tt'; known: tucker2, svd, cp"):
-        factorized_macs(layer, "tt", (2,))
-    with pytest.raises(ValueError, match="unknown decomposition 'tt'; known: tucker2, svd, cp"):
-        factorized_params(layer, "tt", (2,))
+    known = "unknown decomposition 'tensor-magic'; known: tucker2, svd, cp, tt, tr"
+    with pytest.raises(ValueError, match=known):
+        factorized_macs(layer, "tensor-magic", (2,))
+    with pytest.raises(ValueError, match=known):
+        factorized_params(layer, "tensor-magic", (2,))
 
 
 def test_grouped_convs_are_described_and_left_dense(built) -> None:

@@ -177,7 +177,6 @@ def test_a_bad_policy_is_refused_before_anything_is_written(kind, tmp_path, caps
         (["--noise=-1"], "--noise"),
         (["--distill", "nan"], "--distill"),
         (["--distill=-1"], "--distill"),
-        (["--warmup", "20", "--episodes", "4"], "never learn"),
         (["--stages=-2"], "must be >= 1"),
     ],
 )
@@ -185,6 +184,14 @@ def test_bad_values_are_one_line_and_exit_2(args, fragment, tmp_path, capsys):
     assert main([*FAST, *args, "--out", str(tmp_path)]) == 2
     assert fragment in one_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_warmup_as_long_as_the_search_is_a_warning(tmp_path, capsys, dense):
+    args = [*FAST, "--warmup", "20", "--episodes", "4", "--checkpoint", str(dense), "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert "never learns" in capsys.readouterr().err
+    report = json.loads((only_run(tmp_path) / "report.json").read_text())
+    assert any("--warmup 20 >= --episodes 4" in w for w in report["warnings"])
 
 
 def test_a_one_class_image_folder_is_refused(tmp_path, capsys):

@@ -36,7 +36,7 @@ def test_cli_leaves_every_artifact(ddpg_run, capsys):
     run = ddpg_run
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == "tiny" and config["flops"] == 0.5 and config["episodes"] == 5
-    assert run.name.startswith("tiny-flops0.5-")
+    assert run.name.startswith("tiny-tucker2-ddpg-flops0.5-")
 
     # the dense model was trained here, since no checkpoint was given
     assert (run / "dense.pt").is_file() and json.loads((run / "dense.json").read_text())["trained_here"]
@@ -199,3 +199,24 @@ def test_action_center_on_a_rule(tmp_path, capsys):
     )
     assert code == 2 and "--action-center needs --action-space relative" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_run_names_tell_runs_apart_and_name_overrides(tmp_path, ddpg_run):
+    args = [*FAST, "--agent", "uniform", "--checkpoint", str(ddpg_run / "dense.pt"), "--final-epochs", "0"]
+    assert main([*args, "--decomposition", "cp", "--no-latency", "--out", str(tmp_path / "a")]) == 0
+    (run,) = run_dirs(tmp_path / "a")
+    assert run.name.startswith("tiny-cp-uniform-flops0.5-")
+    assert main([*args, "--name", "my-run", "--no-latency", "--out", str(tmp_path / "b")]) == 0
+    assert [p.name for p in run_dirs(tmp_path / "b")] == ["my-run"]
+
+
+def test_latency_measured_on_a_busy_machine_is_marked(tmp_path, ddpg_run, monkeypatch, capsys):
+    from rlrank import threads
+
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (50.0, 50.0, 50.0))
+    args = [*FAST, "--agent", "uniform", "--checkpoint", str(ddpg_run / "dense.pt"), "--final-epochs", "0"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    (run,) = run_dirs(tmp_path)
+    report = json.loads((run / "report.json").read_text())
+    assert report["latency_unreliable"].startswith("the machine was busy (load average 50.0")
+    assert "(unreliable: the machine was busy" in capsys.readouterr().out

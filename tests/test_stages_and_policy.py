@@ -67,7 +67,7 @@ def test_two_stages_end_within_budget_without_growing_depth(two_stage_run):
     assert budgets == pytest.approx([0.4**0.5, 0.4])  # geometric schedule ending at --flops
     for stage in report["stages"]:
         assert stage["flops_ratio"] <= stage["budget"] + 1e-12
-        for key in ("val_accuracy", "params_ratio", "improved", "best_reward"):
+        for key in ("val_accuracy", "params_ratio", "best_reward"):
             assert key in stage
     for k in (1, 2):
         folder = run / f"stage-{k}"
@@ -88,7 +88,19 @@ def test_two_stages_end_within_budget_without_growing_depth(two_stage_run):
 
 
 def test_explicit_stage_budgets(tmp_path, dense_checkpoint):
-    args = [*BASE, "--flops", "0.5", "--stages", "2", "--stage-budgets", "0.8,0.5", "--episodes", "2"]
+    args = [
+        *BASE,
+        "--flops",
+        "0.5",
+        "--stages",
+        "2",
+        "--stage-budgets",
+        "0.8,0.5",
+        "--episodes",
+        "2",
+        "--warmup",
+        "1",
+    ]
     assert (
         main(
             [
