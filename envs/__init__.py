@@ -8,19 +8,21 @@ Importing this package registers ``rlrank/RankSearch-v0``::
 import gymnasium as gym
 
 from rlrank.envs.rank_search import (
-    ACTION_MODES,
-    OBSERVATION_FEATURES,
     REWARDS,
     BudgetError,
     Evaluation,
     Evaluator,
     RankSearchEnv,
+    smallest_budget,
+)
+from rlrank.envs.spaces import (
+    ACTION_MODES,
+    OBSERVATION_FEATURES,
     action_space,
     action_to_ratio,
     observation_space,
     ratio_to_action,
     relative_action_to_ratio,
-    smallest_budget,
 )
 
 ENV_ID = "rlrank/RankSearch-v0"

@@ -9,8 +9,14 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from gymnasium import spaces
 
+from rlrank.envs.spaces import (
+    ACTION_MODES,
+    action_space,
+    action_to_ratio,
+    observation_space,
+    relative_action_to_ratio,
+)
 from rlrank.errors import UserError
 from rlrank.layers import LayerInfo
 from rlrank.planning import (
@@ -20,37 +26,13 @@ from rlrank.planning import (
     current_params,
     current_ratio,
     is_compressible,
+    is_excluded,
     max_ratio_within,
     min_ratio_reaching,
     plan_layer,
 )
 
-OBSERVATION_FEATURES = (
-    "layer_index",
-    "is_linear",
-    "is_pointwise",
-    "in_channels",
-    "out_channels",
-    "kernel",
-    "stride",
-    "feature_map",
-    "layer_flops",
-    "layer_params",
-    "flops_removed",
-    "flops_to_come",
-    "previous_ratio",
-    "target_budget",
-    "current_ratio",
-    "wall_ratio",
-    "floor_ratio",
-    "fair_ratio",
-)
-"""Names of the observation's entries, in order: the layout a saved policy is checked against."""
-
 REWARDS = ("acc", "acc-logflops")
-ACTION_MODES = ("relative", "absolute")
-RELATIVE_SCALE = 3.0
-"""With ``action_mode="relative"``, actions -1 / +1 divide / multiply the fair ratio by this."""
 FAIR_GRID = 512
 """Ratios at which each layer's MACs are tabulated for the fair ratio (linear in [min_ratio, 1])."""
 
@@ -91,41 +73,14 @@ class Evaluation:
 Evaluator = Callable[[list[LayerPlan]], Evaluation]
 
 
-def observation_space() -> spaces.Box:
-    """The environment's observation space: :data:`OBSERVATION_FEATURES` in [0, 1], float32."""
-    return spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
-
-
-def action_space() -> spaces.Box:
-    """The environment's action space: one action in [-1, 1], float32."""
-    return spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
-
-
-def action_to_ratio(action: float, low: float, high: float) -> float:
-    """Map an action in [-1, 1] linearly onto a rank ratio in ``[low, high]``."""
-    a = float(np.clip(action, -1.0, 1.0))
-    return low + (a + 1.0) * 0.5 * (high - low)
-
-
-def ratio_to_action(ratio: float, low: float, high: float) -> float:
-    """Inverse of :func:`action_to_ratio` (ratios outside ``[low, high]`` are clipped)."""
-    if high <= low:
-        return 1.0
-    return float(np.clip(2.0 * (ratio - low) / (high - low) - 1.0, -1.0, 1.0))
-
-
-def relative_action_to_ratio(action: float, fair: float) -> float:
-    """Map an action in [-1, 1] to ``fair * RELATIVE_SCALE ** action`` (0 gives the fair ratio)."""
-    a = float(np.clip(action, -1.0, 1.0))
-    return fair * RELATIVE_SCALE**a
-
-
-def smallest_budget(layers: Sequence[LayerInfo], decomposition: str, min_ratio: float) -> float:
-    """Fraction of the dense MACs left with every compressible layer at ``min_ratio``."""
+def smallest_budget(
+    layers: Sequence[LayerInfo], decomposition: str, min_ratio: float, exclude: Sequence[str] | None = None
+) -> float:
+    """Fraction of the dense MACs left with every compressible layer (not excluded) at ``min_ratio``."""
     dense = sum(layer.macs for layer in layers)
     kept = 0
     for layer in layers:
-        if is_compressible(layer, decomposition):
+        if is_compressible(layer, decomposition) and not is_excluded(layer.name, exclude):
             kept += plan_layer(layer, min(min_ratio, current_ratio(layer)), decomposition).macs
         else:
             kept += current_macs(layer)
@@ -207,6 +162,7 @@ class RankSearchEnv(gym.Env):
     * ``total_params``: parameters of the dense model (default: those of the layers).
     * ``fill_budget``: clip ratios from below too, so that every episode uses its budget.
     * ``action_mode``: ``relative`` (actions scale the fair ratio) or ``absolute`` (AMC's mapping).
+    * ``exclude``: shell-style globs of layer names that stay as they are (fixed costs, not steps).
     * ``allow_dense``: let a layer stay dense when its ratio saves nothing; ``False`` gives it the
       largest ranks that still save MACs instead (multi-stage runs factorize every layer in their
       first stage, so that later stages only re-factorize and never add depth).
@@ -227,6 +183,7 @@ class RankSearchEnv(gym.Env):
         allow_dense: bool = True,
         fill_budget: bool = True,
         action_mode: str = "relative",
+        exclude: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if reward not in REWARDS:
@@ -243,7 +200,12 @@ class RankSearchEnv(gym.Env):
         self.reward_kind = reward
         self.allow_dense = allow_dense
         self.fill_budget = fill_budget
-        self.steps = [layer for layer in self.layers if is_compressible(layer, self.decomposition)]
+        self.exclude = list(exclude or [])
+        self.steps = [
+            layer
+            for layer in self.layers
+            if is_compressible(layer, self.decomposition) and not is_excluded(layer.name, self.exclude)
+        ]
         if not self.steps:
             raise ValueError("the model has no compressible layer")
         step_names = {layer.name for layer in self.steps}

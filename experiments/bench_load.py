@@ -3,9 +3,9 @@
 Starts ``--load-procs`` busy-looping processes (an artificial load, stopped at the end whatever
 happens), then times ``--steps`` SGD steps of ``--model`` on the embedded digits data in a fresh
 Python process per setting (the wait policy must be set before torch starts): torch's default
-threads with OpenMP's default wait, one thread, torch's default threads with
-``OMP_WAIT_POLICY=PASSIVE`` (what ``rlrank-search`` now sets), and, for reference, the default
-setting on the idle machine. Appends one table to ``experiments/RESULTS.md``.
+threads with OpenMP's defaults, one thread, torch's default threads with ``OMP_WAIT_POLICY=PASSIVE``
+(threads sleep while they wait) and with ``GOMP_SPINCOUNT=10000`` (they spin briefly, then sleep)
+-- each on the busy and on the idle machine. Appends one table to ``experiments/RESULTS.md``.
 
 Run from the repository root::
 
@@ -42,12 +42,14 @@ print(time.perf_counter() - start, torch.get_num_threads())
 """
 
 SETTINGS = [
-    # name, threads (0: torch's default), OMP_WAIT_POLICY (None: OpenMP's default), under load
-    ("default threads, default wait (before)", 0, None, True),
-    ("1 thread, default wait", 1, None, True),
-    ("default threads, passive wait (rlrank-search now)", 0, "PASSIVE", True),
-    ("default threads, default wait, idle machine", 0, None, False),
+    # name, threads (0: torch's default), OpenMP environment; each is timed under the artificial
+    # load and on the idle machine
+    ("default threads, OpenMP defaults", 0, {}),
+    ("1 thread", 1, {}),
+    ("default threads, passive wait", 0, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ("default threads, bounded spinning", 0, {"GOMP_SPINCOUNT": "10000"}),
 ]
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,11 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def time_steps(model: str, steps: int, threads: int, wait: str | None) -> tuple[float, int]:
+def time_steps(model: str, steps: int, threads: int, openmp: dict[str, str]) -> tuple[float, int]:
     """Seconds for ``steps`` SGD steps in a fresh process, and the threads it used."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if wait is not None:
-        env["OMP_WAIT_POLICY"] = wait
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES}
+    env.update(openmp)
     done = subprocess.run(
         [sys.executable, "-c", STEP_TIMER, str(threads), model, str(steps)],
         capture_output=True,
@@ -98,16 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if loaded:
                 time.sleep(2.0)  # let the busy loops get going
-            for name, threads, wait, under_load in SETTINGS:
-                if under_load != loaded:
-                    continue
+            for name, threads, openmp in SETTINGS:
                 load_before = recording.load_average()
-                seconds, used = time_steps(args.model, args.steps, threads, wait)
+                seconds, used = time_steps(args.model, args.steps, threads, openmp)
                 rows.append(
                     {
+                        "machine": "busy" if loaded else "idle",
                         "setting": name,
                         "torch threads": used,
-                        "OMP_WAIT_POLICY": wait or "(unset)",
+                        "OpenMP environment": " ".join(f"{k}={v}" for k, v in openmp.items()) or "(unset)",
                         "busy processes": len(load),
                         f"{args.steps} SGD steps (s)": seconds,
                         "load average before": load_before,

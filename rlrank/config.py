@@ -17,6 +17,7 @@ from rlrank.options import (
     epochs,
     fraction,
     fractions,
+    globs,
     non_negative_float,
     option,
     positive,
@@ -113,6 +114,14 @@ class SearchConfig:
     )
     data_aware_batches: int = option(
         8, group=BUDGET, type=positive, help="training batches observed for --data-aware"
+    )
+    exclude: list[str] | None = option(
+        None,
+        group=BUDGET,
+        type=globs,
+        metavar="GLOBS",
+        help="layers left as they are, by name or shell-style pattern, comma-separated "
+        "(e.g. 'conv1,layer1.*'; --dry-run lists the names)",
     )
     min_ratio: float = option(
         0.05,

@@ -15,12 +15,8 @@ Supported data sets:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
-import shutil
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +31,6 @@ logger = logging.getLogger(__name__)
 DATASETS = ("digits", "cifar10", "imagefolder")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
 class DataError(UserError):
@@ -198,7 +193,9 @@ def load_data(config: DataConfig) -> DataSplits:
         train_pool, test, classes = _load_cifar10(config)
         mean, std, padding, flip = IMAGENET_MEAN, IMAGENET_STD, 4, True
     else:
-        train_pool, test, classes = _load_imagefolder(config)
+        from rlrank.image_folder import load_image_folder
+
+        train_pool, test, classes = load_image_folder(config)
         mean, std, padding, flip = IMAGENET_MEAN, IMAGENET_STD, _default_padding(train_pool), True
         if train_pool.images.shape[1] != 3:
             mean, std = _channel_stats(train_pool.images)
@@ -306,115 +303,3 @@ def _load_cifar10(config: DataConfig) -> tuple[ImageSplit, ImageSplit, list[str]
         return ImageSplit(images, torch.tensor(ds.targets, dtype=torch.int64))
 
     return to_split(train), to_split(test), list(train.classes)
-
-
-def cache_root(config: DataConfig) -> Path:
-    """Folder where archives are extracted."""
-    if config.cache_dir:
-        return Path(config.cache_dir)
-    return Path(os.environ.get("RLRANK_CACHE", Path.home() / ".cache" / "rlrank"))
-
-
-def _extract_archive(archive: Path, config: DataConfig) -> Path:
-    """Extract a ``.tar.gz`` once into the cache; later calls reuse the extracted folder."""
-    stat = archive.stat()
-    key = hashlib.sha1(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root(config) / f"{archive.name.split('.')[0]}-{key}"
-    done = target / ".extracted"
-    if done.exists():
-        return target
-    logger.info("extracting %s into %s (once)", archive, target)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"cannot extract {archive}: {exc}") from exc
-    # the archive may hold the layout at its top or inside one folder
-    inner = _layout_root(tmp) or tmp
-    if target.exists():
-        shutil.rmtree(target)
-    inner.rename(target)
-    if inner != tmp:  # the layout sat inside one folder: drop the now empty wrapper
-        shutil.rmtree(tmp, ignore_errors=True)
-    (target / ".extracted").touch()
-    return target
-
-
-def _layout_root(folder: Path) -> Path | None:
-    if (folder / "train").is_dir():
-        return folder
-    subdirs = [p for p in folder.iterdir() if p.is_dir()]
-    if len(subdirs) == 1 and (subdirs[0] / "train").is_dir():
-        return subdirs[0]
-    return None
-
-
-def _load_imagefolder(config: DataConfig) -> tuple[ImageSplit, ImageSplit, list[str]]:
-    if not config.data_dir:
-        raise DataError("dataset imagefolder needs --data-dir (a folder with train/ and test/, or a .tar.gz)")
-    root = Path(config.data_dir)
-    if not root.exists():
-        raise DataError(f"data directory not found: {root}")
-    if root.is_file():
-        if not root.name.endswith((".tar.gz", ".tgz", ".tar")):
-            raise DataError(f"{root} is a file, not a folder or a .tar.gz archive")
-        root = _extract_archive(root, config)
-    layout = _layout_root(root)
-    if layout is None:
-        raise DataError(f"{root} has no train/ folder (expected train/<class>/ and test/<class>/)")
-    test_dir = layout / "test" if (layout / "test").is_dir() else layout / "val"
-    if not test_dir.is_dir():
-        raise DataError(f"{layout} has no test/ or val/ folder")
-    classes = sorted(p.name for p in (layout / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{layout / 'train'} has no class folders")
-    train = _decode_folder(layout / "train", classes)
-    test = _decode_folder(test_dir, classes)
-    return train, test, classes
-
-
-def _decode_folder(folder: Path, classes: list[str]) -> ImageSplit:
-    """Decode every image under ``folder/<class>/`` into one uint8 tensor."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
-
-    files: list[Path] = []
-    labels: list[int] = []
-    for index, name in enumerate(classes):
-        class_dir = folder / name
-        if not class_dir.is_dir():
-            continue
-        found = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        files += found
-        labels += [index] * len(found)
-    if not files:
-        raise DataError(f"no images found under {folder}")
-    encoded = [read_file(str(path)) for path in files]
-    decoded: list[torch.Tensor] | None = None
-    if all(p.suffix.lower() in {".jpg", ".jpeg"} for p in files):
-        try:  # batched JPEG decoding is several times faster than one call per image
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB)
-        except RuntimeError:
-            decoded = None  # fall back to one image at a time, to name the bad file
-    if decoded is None:
-        decoded = []
-        for path, data in zip(files, encoded, strict=True):
-            try:
-                decoded.append(decode_image(data, mode=ImageReadMode.RGB))
-            except RuntimeError as exc:
-                raise DataError(f"cannot decode image {path}: {str(exc).splitlines()[0][:200]}") from exc
-    shape = decoded[0].shape
-    images = [
-        image
-        if image.shape == shape
-        else torch.nn.functional.interpolate(
-            image[None].float(), size=shape[1:], mode="bilinear", antialias=True
-        )[0]
-        .round()
-        .clamp(0, 255)
-        .to(torch.uint8)
-        for image in decoded
-    ]
-    return ImageSplit(torch.stack(images), torch.tensor(labels, dtype=torch.int64))

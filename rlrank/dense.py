@@ -55,7 +55,7 @@ def dense_baseline(folder: RunFolder, setup: Setup, progress: bool) -> DenseBase
             raise RunFolderError(
                 f"{info_path} is damaged ({exc!r}); the run cannot be resumed from it"
             ) from exc
-    trained_here = not (config.checkpoint or config.pretrained)
+    trained_here = not setup.weights_given
     if trained_here:
         logger.info(
             "no --checkpoint given: training the dense %s on %s for %g epochs first",

@@ -167,6 +167,11 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
     return wrap
 
 
+def builder_of(name: str) -> Builder | None:
+    """The registered builder of ``name`` (``None`` when unknown)."""
+    return _REGISTRY.get(name)
+
+
 def list_models() -> list[str]:
     """Names accepted by :func:`build_model` (and ``--model``), sorted."""
     return sorted(_REGISTRY)

@@ -115,6 +115,14 @@ def size_or_fraction(text: str) -> float:
     return value
 
 
+def globs(text: str) -> list[str]:
+    """Comma-separated shell-style patterns (``layer1.*,linear``)."""
+    patterns = [part.strip() for part in text.split(",") if part.strip()]
+    if not patterns:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer names or patterns, got {text!r}")
+    return patterns
+
+
 def thread_count(text: str) -> int:
     """A number of threads >= 0 (0: automatic)."""
     return count(text)

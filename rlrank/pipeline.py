@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from rlrank.atomic import write_json
 from rlrank.config import SearchConfig
+from rlrank.data import DataSplits
 from rlrank.dense import dense_baseline
 from rlrank.errors import ConfigError, Interrupted, RunFailure
 from rlrank.flops import count_model
@@ -54,6 +57,8 @@ def run(
     resume: str | Path | None = None,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    model: nn.Module | None = None,
+    data: DataSplits | None = None,
 ) -> dict[str, Any]:
     """Run a search (or resume the one in ``resume``) and return its report.
 
@@ -63,6 +68,8 @@ def run(
         progress: Show progress bars.
         overrides: With ``resume``: options to change (only those declared ``resume_safe``, such as
             the final fine-tune's; see :func:`resumed_config`).
+        model: A trained model to compress instead of building ``config.model`` (:func:`rlrank.compress`).
+        data: Data splits instead of loading ``config.dataset`` (give them again when resuming).
 
     Returns:
         The report (``report.json``) plus ``run_dir``, the run folder.
@@ -82,7 +89,7 @@ def run(
             if folder.complete:
                 logger.info("run %s is already complete", folder.path)
                 return read_json(folder / REPORT_FILE)
-            setup = prepare(config)
+            setup = prepare(config, model, data)
             if overrides:
                 write_json(folder / CONFIG_FILE, config.to_dict())
             return _search_in(folder, setup, started, progress)
@@ -90,7 +97,9 @@ def run(
         raise ConfigError("option overrides are for --resume only")
     assert config is not None
     try:
-        setup = prepare(config)  # every input checked, data and model loaded: nothing written yet
+        setup = prepare(
+            config, model, data
+        )  # every input checked, data and model loaded: nothing written yet
     except KeyboardInterrupt:
         raise Interrupted(None) from None
     folder = RunFolder.create(config.out, run_name(config))

@@ -9,7 +9,9 @@ every step of every episode for free.
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rlrank.layers import LayerInfo
@@ -24,6 +26,7 @@ __all__ = [
     "current_ratio",
     "full_ranks",
     "is_compressible",
+    "is_excluded",
     "list_methods",
     "max_ratio_within",
     "method_for",
@@ -77,6 +80,11 @@ def method_for(layer: LayerInfo, decomposition: str) -> str:
 def full_ranks(layer: LayerInfo, method: str) -> tuple[int, ...]:
     """The ranks that rank ratio 1 stands for."""
     return get_method(method).full_ranks(layer)
+
+
+def is_excluded(name: str, exclude: Sequence[str] | None) -> bool:
+    """Whether layer ``name`` matches one of the ``--exclude`` shell-style globs (``layer1.*``)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude or ())
 
 
 def current_macs(layer: LayerInfo) -> int:

@@ -7,6 +7,7 @@ fit), so a refused run leaves no run folder behind. What it loads travels on as 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -37,8 +38,8 @@ from rlrank.finetune import resolve_device
 from rlrank.layers import LayerInfo
 from rlrank.models import ModelSpec, build_model, load_checkpoint
 from rlrank.options import SEED_MAX
-from rlrank.planning import check_decomposition
-from rlrank.threads import configure_threads
+from rlrank.planning import check_decomposition, is_compressible, is_excluded
+from rlrank.threads import configure_threads, warn_if_busy
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +139,18 @@ class Setup:
     input_shape: tuple[int, int, int]
     policy_meta: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    weights_given: bool = False
+    """The model came trained (``--checkpoint``, ``--pretrained`` or a model passed in): no dense training."""
 
 
-def prepare(config: SearchConfig) -> Setup:
+def prepare(config: SearchConfig, model: nn.Module | None = None, data: DataSplits | None = None) -> Setup:
     """Load data and model and check every input.
+
+    Args:
+        config: The options.
+        model: A trained model to compress instead of building ``config.model`` (it is copied);
+            ``config.model`` then names its architecture in the run folder.
+        data: Data splits to use instead of loading ``config.dataset``.
 
     Raises:
         UserError: An option, the data, the model, the budget or the policy cannot work.
@@ -150,23 +159,29 @@ def prepare(config: SearchConfig) -> Setup:
     configure_threads(config.threads)
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    val_size = config.val_size if config.val_size is not None else default_val_size(config.dataset)
-    data = load_data(
-        DataConfig(config.dataset, config.data_dir, val_size, config.split_seed, config.download)
-    )
+    if data is None:
+        val_size = config.val_size if config.val_size is not None else default_val_size(config.dataset)
+        data = load_data(
+            DataConfig(config.dataset, config.data_dir, val_size, config.split_seed, config.download)
+        )
     data = data.to(device)
     spec = ModelSpec(config.model, data.num_classes, data.in_channels, data.input_size)
-    model = build_model(spec, pretrained=config.pretrained)
-    if config.checkpoint:
-        load_checkpoint(model, config.checkpoint)
+    weights_given = model is not None or bool(config.checkpoint or config.pretrained)
+    if model is None:
+        model = build_model(spec, pretrained=config.pretrained)
+        if config.checkpoint:
+            load_checkpoint(model, config.checkpoint)
+    else:
+        model = copy.deepcopy(model).train()
     model = model.to(device)
     input_shape = (data.in_channels, data.input_size, data.input_size)
     layers = describe_layers(model, input_shape)
-    smallest = smallest_budget(layers, config.decomposition, config.min_ratio)
+    check_exclude(config, layers)
+    smallest = smallest_budget(layers, config.decomposition, config.min_ratio, config.exclude)
     for budget in [config.flops, *config.budgets_of_stages(), *(config.train_budgets or [])]:
         if budget < smallest - 1e-12:
             raise BudgetError(budget, smallest)
-    setup = Setup(config, device, data, spec, model, layers, input_shape)
+    setup = Setup(config, device, data, spec, model, layers, input_shape, weights_given=weights_given)
     if agent_spec(config.agent).learns and not config.policy and 0 < config.episodes <= config.warmup:
         setup.warnings.append(
             f"--warmup {config.warmup} >= --episodes {config.episodes}: the agent only plays its warm-up "
@@ -178,7 +193,30 @@ def prepare(config: SearchConfig) -> Setup:
         if warning:
             logger.warning(warning)
             setup.warnings.append(warning)
+    warn_if_busy()  # after every check: bad input stays one line
     return setup
+
+
+def check_exclude(config: SearchConfig, layers: list[LayerInfo]) -> None:
+    """Every ``--exclude`` pattern names a layer, and some compressible layer is left to search.
+
+    Raises:
+        ConfigError: A pattern that matches no layer (the message lists some names), or nothing left.
+    """
+    names = [layer.name for layer in layers]
+    for pattern in config.exclude or []:
+        if not any(is_excluded(name, [pattern]) for name in names):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise ConfigError(
+                f"--exclude {pattern!r} matches no layer of {config.model} ({shown}; --dry-run lists them all)"
+            )
+    left = [
+        layer
+        for layer in layers
+        if is_compressible(layer, config.decomposition) and not is_excluded(layer.name, config.exclude)
+    ]
+    if not left:
+        raise ConfigError(f"--exclude leaves no compressible layer of {config.model} to search")
 
 
 def check_policy(config: SearchConfig) -> tuple[dict[str, Any], str | None]:

@@ -18,7 +18,7 @@ from rlrank.config import RUN, SearchConfig
 from rlrank.errors import Interrupted, RunFailure, UserError
 from rlrank.options import EXIT_USAGE, OneLineParser, add_config_options, cli_fields, flag_of
 from rlrank.options import config_from_args as _config_from_args
-from rlrank.threads import prefer_passive_wait
+from rlrank.threads import choose_openmp_wait
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -51,6 +51,12 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "config.json, except those given here that may change (" + ", ".join(_resume_safe()) + ")",
     )
     groups[RUN].add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    groups[RUN].add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the options, load data and model, list the layers (MACs, params, what the search "
+        "would do with each) and the smallest reachable budget; search nothing, write nothing",
+    )
     return parser
 
 
@@ -64,7 +70,7 @@ def _resume_safe() -> list[str]:
 def given_options(argv: Sequence[str] | None) -> dict[str, object]:
     """The config options a command line sets explicitly (``--resume`` and ``--quiet`` excluded)."""
     given = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    return {k: v for k, v in given.items() if k not in ("resume", "quiet")}
+    return {k: v for k, v in given.items() if k not in ("resume", "quiet", "dry_run")}
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
@@ -74,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    prefer_passive_wait()  # before torch is imported
+    choose_openmp_wait()  # before torch is imported
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -92,6 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rlrank.report import summarize
 
     try:
+        if args.dry_run:
+            from rlrank.dry_run import layer_listing
+            from rlrank.preflight import prepare
+
+            print(layer_listing(prepare(config_from_args(args))))  # noqa: T201 - the command's result
+            return 0
         with logging_redirect_tqdm():
             if args.resume:
                 overrides = given_options(argv)

@@ -38,7 +38,7 @@ from rlrank.finetune import (
     train_epochs,
 )
 from rlrank.model_file import load, save
-from rlrank.planning import LayerPlan, is_compressible
+from rlrank.planning import LayerPlan, is_compressible, is_excluded
 from rlrank.preflight import Setup
 from rlrank.records import TIMING_KEYS, EpisodeRow, StageResult
 from rlrank.reward import RewardEvaluator
@@ -98,7 +98,11 @@ def run_stage(
 
     logger.info("stage %d: searching ranks for %.3f of the dense FLOPs", k, budget)
     layers = describe_layers(model, setup.input_shape)
-    steps = [layer for layer in layers if is_compressible(layer, config.decomposition)]
+    steps = [
+        layer
+        for layer in layers
+        if is_compressible(layer, config.decomposition) and not is_excluded(layer.name, config.exclude)
+    ]
     covariances = None
     if config.data_aware:  # fit output factors to the layers' responses on training images
         generator = torch.Generator().manual_seed(config.seed + 31 * k)
@@ -136,6 +140,7 @@ def run_stage(
         # a rule's strategy is played as its knob made it: absolute ratios, not topped up
         fill_budget=config.fill_budget and not spec.plays_absolute_ratios,
         action_mode="absolute" if spec.plays_absolute_ratios else config.action_space,
+        exclude=config.exclude,
     )
     if config.action_center != "uniform" and not spec.plays_absolute_ratios:
         env.set_center(rule_strategy(config.action_center, env, cache, config.min_ratio))

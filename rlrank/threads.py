@@ -1,10 +1,13 @@
-"""CPU threads: a passive OpenMP wait policy for the commands, ``--threads``, and a busy-machine warning.
+"""CPU threads: how OpenMP threads wait, ``--threads``, and a busy-machine warning.
 
 On a machine whose cores are shared (several searches, a CI runner, Ray workers), torch's OpenMP
-threads spin while they wait for each other, and a step can take five times longer with two threads
-than with one (measured in ``experiments/RESULTS.md``). ``OMP_WAIT_POLICY=PASSIVE`` makes waiting
-threads sleep instead; it must be set before torch is first imported, so the commands call
-:func:`prefer_passive_wait` first thing (a value the user set is kept).
+threads spin while they wait for each other, and a step can take three times longer with two threads
+than with one. Measured (``experiments/RESULTS.md``, "Under load"): ``OMP_WAIT_POLICY=PASSIVE``
+(waiting threads sleep) is the fastest on a busy machine but about twice as slow as the default on an
+idle one; ``GOMP_SPINCOUNT=10000`` (spin briefly, then sleep) keeps the idle speed and halves the
+busy machine's cost. :func:`choose_openmp_wait` therefore picks the passive policy when the machine
+is busy at start and the bounded spin otherwise. Both must be set before torch is first imported,
+so the commands call it first thing; a setting of the user's is kept.
 """
 
 from __future__ import annotations
@@ -18,9 +21,26 @@ BUSY_FACTOR = 1.5
 """The machine counts as busy when its 1-minute load average exceeds this many times its CPUs."""
 
 
-def prefer_passive_wait() -> None:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy (call before importing torch)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+BOUNDED_SPIN = "10000"
+"""``GOMP_SPINCOUNT`` on an idle machine: as fast as OpenMP's default there, far better when busy."""
+
+
+def choose_openmp_wait() -> str:
+    """Set how OpenMP threads wait, unless the user did: ``OMP_WAIT_POLICY=PASSIVE`` on a busy
+    machine, ``GOMP_SPINCOUNT=10000`` on an idle one. Call before torch is imported.
+
+    Returns:
+        The setting in force, as ``NAME=value`` (the user's own when they set one).
+    """
+    for name in OPENMP_VARIABLES:
+        if name in os.environ:
+            return f"{name}={os.environ[name]}"
+    if busy_load() is not None:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        return "OMP_WAIT_POLICY=PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = BOUNDED_SPIN
+    return f"GOMP_SPINCOUNT={BOUNDED_SPIN}"
 
 
 def available_cpus() -> int:
@@ -32,12 +52,19 @@ def available_cpus() -> int:
 
 
 def configure_threads(threads: int) -> int:
-    """Give torch ``threads`` intra-op threads (0: leave torch's default, one per core); warn when
-    the machine is busy and several threads would wait on each other. Returns the threads in use."""
+    """Give torch ``threads`` intra-op threads (0: leave torch's default, one per core); returns the
+    threads in use."""
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def warn_if_busy() -> None:
+    """Warn when the machine is busy and torch's several threads would wait on each other."""
+    import torch
+
     in_use = torch.get_num_threads()
     load = busy_load()
     if load is not None and in_use > 1:
@@ -48,7 +75,6 @@ def configure_threads(threads: int) -> int:
             available_cpus(),
             in_use,
         )
-    return in_use
 
 
 def busy_load() -> float | None:

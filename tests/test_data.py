@@ -294,13 +294,37 @@ def test_imagefolder_from_tar_gz(tmp_path: Path) -> None:
     assert data.classes == ["cat", "dog", "emu"]
     assert (len(data.train), len(data.val), len(data.test)) == (6, 3, 4)
     _assert_colors_match_labels(data.test, data.classes, 0)
-    # one extracted folder and nothing else (no temporary folder left behind)
-    (extracted,) = cache.iterdir()
+    # one extracted folder and the decoded images, nothing else (no temporary folder left behind)
+    (extracted,) = [p for p in cache.iterdir() if p.name != "decoded"]
     assert (extracted / ".extracted").exists() and (extracted / "train" / "cat").is_dir()
     # a second load reuses the extracted folder
     again = load_data(config)
     assert torch.equal(again.test.images, data.test.images)
-    assert list(cache.iterdir()) == [extracted]
+    assert sorted(cache.iterdir()) == sorted([extracted, cache / "decoded"])
+
+
+def test_decoded_images_are_cached_and_a_changed_folder_decodes_again(tmp_path: Path, monkeypatch) -> None:
+    import rlrank.image_folder
+
+    root = _write_folder(tmp_path / "tiny")
+    config = DataConfig("imagefolder", data_dir=str(root), val_size=3, cache_dir=str(tmp_path / "cache"))
+    first = load_data(config)
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.pt"))) == 2  # train and test
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again although nothing changed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rlrank.image_folder, "_decode", no_decoding)
+        cached = load_data(config)
+    assert torch.equal(cached.train.images, first.train.images)
+    assert torch.equal(cached.test.labels, first.test.labels)
+    # a file that changes (here: another image under the same name) is never read from the cache
+    victim = sorted((root / "test" / "cat").iterdir())[0]
+    other = sorted((root / "test" / "dog").iterdir())[0]
+    victim.write_bytes(other.read_bytes())
+    changed = load_data(config)
+    assert not torch.equal(changed.test.images, first.test.images)
 
 
 def test_imagefolder_corrupt_archive(tmp_path: Path) -> None:

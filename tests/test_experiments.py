@@ -313,7 +313,9 @@ def test_bench_load(script: Callable[[str], ModuleType], capsys: pytest.CaptureF
     assert script("bench_load").main(argv) == 0
     section = _section(capsys.readouterr().out, "Under load: 2 SGD steps of tiny (digits, batch 64)")
     (table,) = _tables(section)
-    assert table["OMP_WAIT_POLICY"].tolist() == ["(unset)", "(unset)", "PASSIVE", "(unset)"]
-    assert table["busy processes"].tolist() == ["1", "1", "1", "0"]
-    assert table["torch threads"].tolist()[1] == "1"
+    assert table["machine"].tolist() == ["busy"] * 4 + ["idle"] * 4
+    environments = ["(unset)", "(unset)", "OMP_WAIT_POLICY=PASSIVE", "GOMP_SPINCOUNT=10000"]
+    assert table["OpenMP environment"].tolist() == environments * 2
+    assert table["busy processes"].tolist() == ["1"] * 4 + ["0"] * 4
+    assert table["torch threads"].tolist()[1] == "1" and table["torch threads"].tolist()[5] == "1"
     assert all(float(s) > 0 for s in table["2 SGD steps (s)"])

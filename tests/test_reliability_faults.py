@@ -444,14 +444,20 @@ def test_evaluate_latency_and_covariances_leave_modes_alone(half_frozen):
 # ----------------------------------------------------------------------------- under load
 
 
-def test_passive_wait_unless_the_user_chose(monkeypatch):
-    from rlrank.threads import prefer_passive_wait
+def test_openmp_wait_follows_the_load_unless_the_user_chose(monkeypatch):
+    from rlrank import threads
 
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    prefer_passive_wait()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    for name in threads.OPENMP_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert threads.choose_openmp_wait() == "GOMP_SPINCOUNT=10000"
+    assert os.environ["GOMP_SPINCOUNT"] == "10000" and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert threads.choose_openmp_wait() == "OMP_WAIT_POLICY=PASSIVE"
+    assert "GOMP_SPINCOUNT" not in os.environ
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    prefer_passive_wait()
+    assert threads.choose_openmp_wait() == "OMP_WAIT_POLICY=ACTIVE"
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
@@ -461,26 +467,28 @@ def test_threads_option_and_busy_warning(monkeypatch, caplog):
     previous = torch.get_num_threads()
     try:
         monkeypatch.setattr(threads.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+        assert threads.configure_threads(2) == 2
         with caplog.at_level("WARNING"):
-            assert threads.configure_threads(2) == 2
+            threads.warn_if_busy()
         assert "machine is busy" in caplog.text and "--threads 1" in caplog.text
         caplog.clear()
+        assert threads.configure_threads(1) == 1
         with caplog.at_level("WARNING"):
-            assert threads.configure_threads(1) == 1
+            threads.warn_if_busy()
         assert "busy" not in caplog.text
     finally:
         torch.set_num_threads(previous)
 
 
-def test_the_command_sets_a_passive_wait_before_torch_starts():
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def test_the_command_sets_the_wait_before_torch_starts():
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     code = (
         "import os, sys, rlrank.search\n"
         "assert 'torch' not in sys.modules\n"
         "rlrank.search.main(['--help'])\n"
         "assert 'torch' in sys.modules\n"
-        "print(os.environ['OMP_WAIT_POLICY'])\n"
+        "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "PASSIVE"
+    assert done.stdout.strip().splitlines()[-1] in ("10000 None", "None PASSIVE")
