@@ -16,37 +16,19 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import pandas as pd
 
 from rlrank import analysis
 from rlrank.errors import UserError
+from rlrank.options import EXIT_USAGE, OneLineParser, positive
 
-EXIT_USAGE = 2
 PROG = "rlrank-analyze"
 COMPARE_DIR = analysis.COMPARE_DIR
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _top(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description=(
             "Analyse the episode logs of rlrank searches (complete, in progress or crashed): summary "
@@ -75,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
-        "--top", type=_top, default=0, metavar="K", help="also list the K best distinct strategies"
+        "--top", type=positive, default=0, metavar="K", help="also list the K best distinct strategies"
     )
     p.add_argument(
         "--export",

@@ -24,7 +24,6 @@ from rlrank.options import (
     positive_float,
     seed_number,
     size_or_fraction,
-    thread_count,
     weight,
 )
 
@@ -298,7 +297,7 @@ class SearchConfig:
         0,
         resume_safe=True,
         group=RUN,
-        type=thread_count,
+        type=count,
         help="CPU threads of torch, 0 = torch's default (one per core); on a busy machine 1 is often "
         "fastest (OpenMP threads wait for each other)",
     )

@@ -26,128 +26,54 @@ EXIT_USAGE = 2
 # --------------------------------------------------------------------------------------------
 
 
-def fraction(text: str) -> float:
-    """A number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+def _number(kind: type, description: str, accept: Callable[[float], bool]) -> Callable[[str], Any]:
+    """A value type: ``kind(text)`` (``int`` or ``float``) that is finite and passes ``accept``; a bad
+    value is refused with one line naming ``description``."""
 
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text}")
+        return value
 
-def fractions(text: str) -> list[float]:
-    """Comma-separated numbers in (0, 1]."""
-    values = [part.strip() for part in text.split(",") if part.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1], got {text!r}")
-    return [fraction(v) for v in values]
-
-
-def count(text: str) -> int:
-    """A whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive(text: str) -> int:
-    """A whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    parse.__doc__ = description[0].upper() + description[1:] + "."
+    return parse
 
 
 SEED_MAX = 2**32 - 1
 """Seeds go to NumPy's legacy generator too, which takes 0 .. 2**32 - 1."""
 
-
-def seed_number(text: str) -> int:
-    """A random seed: a whole number in 0 .. 2**32 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number in 0..{SEED_MAX}, got {text!r}") from None
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be in 0..{SEED_MAX}, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+fraction = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+count = _number(int, "a whole number >= 0", lambda v: v >= 0)
+positive = _number(int, "a whole number >= 1", lambda v: v >= 1)
+seed_number = _number(int, f"a whole number in 0..{SEED_MAX}", lambda v: 0 <= v <= SEED_MAX)
+epochs = _number(float, "a number of epochs >= 0", lambda v: v >= 0)
+positive_float = _number(float, "a finite number > 0", lambda v: v > 0)
+non_negative_float = _number(float, "a finite number >= 0", lambda v: v >= 0)
+weight = _number(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+size_or_fraction = _number(
+    float, "a fraction in (0, 1) or a whole count >= 1", lambda v: 0 < v < 1 or (v >= 1 and v == int(v))
+)
 
 
-def weight(text: str) -> float:
-    """A finite number in [0, 1] (a mixing weight)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not (math.isfinite(value) and 0 <= value <= 1):
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+def _items(text: str, what: str) -> list[str]:
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+    return items
 
 
-def size_or_fraction(text: str) -> float:
-    """A fraction in (0, 1) or a whole number of items >= 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a count, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0) or (value >= 1 and value != int(value)):
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1) or a whole count >= 1, got {text}")
-    return value
+def fractions(text: str) -> list[float]:
+    """Comma-separated numbers in (0, 1]."""
+    return [fraction(v) for v in _items(text, "numbers in (0, 1]")]
 
 
 def globs(text: str) -> list[str]:
     """Comma-separated shell-style patterns (``layer1.*,linear``)."""
-    patterns = [part.strip() for part in text.split(",") if part.strip()]
-    if not patterns:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer names or patterns, got {text!r}")
-    return patterns
-
-
-def thread_count(text: str) -> int:
-    """A number of threads >= 0 (0: automatic)."""
-    return count(text)
-
-
-def epochs(text: str) -> float:
-    """A number of epochs >= 0 (fractions allowed)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of epochs >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+    return _items(text, "layer names or patterns")
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,19 +89,17 @@ def run(
             if folder.complete:
                 logger.info("run %s is already complete", folder.path)
                 return read_json(folder / REPORT_FILE)
-            setup = prepare(config, model, data)
+            try:
+                setup = prepare(config, model, data)
+            except KeyboardInterrupt:
+                raise Interrupted(str(folder.path)) from None
             if overrides:
                 write_json(folder / CONFIG_FILE, config.to_dict())
             return _search_in(folder, setup, started, progress)
     if overrides:
         raise ConfigError("option overrides are for --resume only")
     assert config is not None
-    try:
-        setup = prepare(
-            config, model, data
-        )  # every input checked, data and model loaded: nothing written yet
-    except KeyboardInterrupt:
-        raise Interrupted(None) from None
+    setup = prepare(config, model, data)  # every input checked, data and model loaded: nothing written yet
     folder = RunFolder.create(config.out, run_name(config))
     with folder:
         write_json(folder / CONFIG_FILE, config.to_dict())

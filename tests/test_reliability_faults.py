@@ -177,7 +177,7 @@ def test_a_bad_policy_is_refused_before_anything_is_written(kind, tmp_path, caps
         (["--noise=-1"], "--noise"),
         (["--distill", "nan"], "--distill"),
         (["--distill=-1"], "--distill"),
-        (["--stages=-2"], "must be >= 1"),
+        (["--stages=-2"], "must be a whole number >= 1, got -2"),
     ],
 )
 def test_bad_values_are_one_line_and_exit_2(args, fragment, tmp_path, capsys):
