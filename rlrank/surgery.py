@@ -1,11 +1,11 @@
-"""Model surgery: put modules into a model by qualified name, apply a strategy, record and restore its structure.
+"""Model surgery: apply a strategy to a model, record and restore its structure.
 
 :func:`decompose_model` applies a strategy (one :class:`~rlrank.planning.LayerPlan` per layer) with
-factors from the :class:`~rlrank.factor_cache.FactorCache`; :func:`factorization_of` and
-:func:`apply_factorization` describe a compressed model's structure and rebuild it on a fresh dense
-model (what the model file stores). A replacement only has to map the layer's input to its output:
-methods that change channel counts (pruning) replace several modules at once through the same
-:func:`replace_module`.
+factors from the :class:`~rlrank.factor_cache.FactorCache`, each through its method's
+:meth:`~rlrank.methods.base.CompressionMethod.apply` (by default: replace the layer; a method that
+changes channel counts, such as pruning, also adapts the layers reading it there);
+:func:`factorization_of` and :func:`apply_factorization` describe a compressed model's structure and
+rebuild it on a fresh dense model (what the model file stores).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 
 from rlrank.describe import geometry_of
 from rlrank.methods import POINTWISE_METHOD, DecompositionError, FactorizedLayer, get_method
+from rlrank.methods.base import replace_module
 from rlrank.planning import LayerPlan
 
 if TYPE_CHECKING:
@@ -34,13 +35,6 @@ def empty_factorized(module: nn.Module, method: str, ranks: tuple[int, ...]) -> 
     if geometry["kernel"] == (1, 1) and method != POINTWISE_METHOD:
         raise DecompositionError(f"1x1 convolutions are factorized by {POINTWISE_METHOD}, not {method!r}")
     return get_method(method).build_module(geometry, ranks)
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the qualified ``name`` inside ``model``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def decompose_model(
@@ -74,7 +68,7 @@ def decompose_model(
         memo = {id(model.get_submodule(plan.name)): nn.Identity() for plan in changes}
         target = copy.deepcopy(model, memo)
     for plan in changes:
-        replace_module(target, plan.name, cache.build(plan.name, plan.ranks, device, dtype))
+        get_method(plan.method).apply(target, plan.name, cache.build(plan.name, plan.ranks, device, dtype))
     return target
 
 

@@ -293,3 +293,21 @@ def test_no_module_is_left_unimported():
         for info in pkgutil.walk_packages([str(folder)], prefix=package + "."):
             __import__(info.name)
     assert isinstance(nn.Module, type)
+
+
+def test_a_method_decides_how_its_replacement_goes_into_the_model(plugin_method, monkeypatch):
+    """The hook a channel-pruning method needs: ``apply`` may change more than the layer itself."""
+    calls = []
+
+    def apply(self, model, name, module):
+        calls.append(name)
+        SVD.apply(self, model, name, module)
+        model.touched = True
+
+    monkeypatch.setattr(ScaledSVD, "apply", apply)
+    model = build_model(ModelSpec("tiny", 10, 1, 8)).eval()
+    layers = [layer for layer in describe_layers(model, (1, 8, 8)) if is_compressible(layer, plugin_method)]
+    plans = [plan_layer(layer, 0.5, plugin_method) for layer in layers]
+    compressed = decompose_model(model, plans, FactorCache(model, layers, plugin_method))
+    kxk = [p.name for p in plans if not p.dense and p.method == plugin_method]
+    assert calls == kxk and compressed.touched and not hasattr(model, "touched")

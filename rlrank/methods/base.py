@@ -137,6 +137,13 @@ class LayerWeights:
     store: dict[str, Any] = field(default_factory=dict)
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified ``name`` inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
 def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin ``U, S, Vh`` of ``matrix``, computed on its tall orientation.
 
@@ -223,6 +230,14 @@ class CompressionMethod(ABC):
             raise DecompositionError(f"ranks {ranks} out of range 1..{full} for layer {layer.name}")
 
     # ------------------------------------------------------------------ modules
+
+    def apply(self, model: nn.Module, name: str, module: nn.Module) -> None:
+        """Put ``module``, the built replacement of layer ``name``, into ``model``.
+
+        The default replaces that one layer. A method that changes what the layer outputs (channel
+        pruning removes output channels) overrides this to also adapt the layers that read it.
+        """
+        replace_module(model, name, module)
 
     def build_module(
         self, geometry: Geometry, ranks: tuple[int, ...], device: torch.device | str | None = None
