@@ -73,8 +73,9 @@ def dense_baseline(folder: RunFolder, setup: Setup, progress: bool) -> DenseBase
                 f"(it was {config.dense_lr:g})"
             ) from exc
         save(weights_path, model, setup.spec, {"trained_here": True})
-    val_acc, _ = evaluate(model, data, data.val)
-    test_acc, _ = evaluate(model, data, data.test)
+    bar = "evaluating the dense model" if progress else None
+    val_acc, _ = evaluate(model, data, data.val, desc=bar)
+    test_acc, _ = evaluate(model, data, data.test, desc=bar)
     logger.info("dense model: val accuracy %.4f, test accuracy %.4f", val_acc, test_acc)
     if trained_here:
         write_json(

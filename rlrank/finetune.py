@@ -254,13 +254,20 @@ def train_epochs(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: DataSplits, split: ImageSplit, batch_size: int = 512
+    model: nn.Module, data: DataSplits, split: ImageSplit, batch_size: int = 512, desc: str | None = None
 ) -> tuple[float, float]:
-    """Top-1 accuracy (0..1) and mean cross-entropy of ``model`` on ``split``."""
+    """Top-1 accuracy (0..1) and mean cross-entropy of ``model`` on ``split`` (with a progress bar
+    titled ``desc`` when one is given: the long evaluations of the dense and final models)."""
+    from tqdm.auto import tqdm
+
     correct, loss, n = 0, 0.0, 0
+    batches = data.batches(split, batch_size)
+    total = -(-len(split) // batch_size)
     with preserved_modes(model):
         model.eval()
-        for images, labels in data.batches(split, batch_size):
+        for images, labels in tqdm(
+            batches, desc=desc, total=total, unit="batch", disable=desc is None, leave=False
+        ):
             logits = model(images)
             loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(1) == labels).sum().item()
