@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Extracted archives and decoded images go to a temporary folder, never the user's cache."""
+    cache = tmp_path_factory.mktemp("rlrank-user-cache")
+    previous = os.environ.get("RLRANK_CACHE")
+    os.environ["RLRANK_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("RLRANK_CACHE", None)
+    else:
+        os.environ["RLRANK_CACHE"] = previous
 
 
 @pytest.fixture

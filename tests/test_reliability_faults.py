@@ -194,8 +194,10 @@ def test_a_warmup_as_long_as_the_search_is_a_warning(tmp_path, capsys, dense):
     assert any("--warmup 20 >= --episodes 4" in w for w in report["warnings"])
 
 
-def test_a_one_class_image_folder_is_refused(tmp_path, capsys):
+def test_a_one_class_image_folder_is_refused(tmp_path, capsys, monkeypatch):
     from PIL import Image
+
+    monkeypatch.setenv("RLRANK_CACHE", str(tmp_path / "cache"))
 
     for split in ("train", "test"):
         folder = tmp_path / "data" / split / "only"
