@@ -28,6 +28,17 @@ FAST = [
 ]  # fmt: skip
 
 
+@pytest.fixture(autouse=True, scope="module")
+def restore_model_registry():
+    """``rlrank.compress`` registers the user's model by name; other test modules see the built-ins only."""
+    from rlrank import models
+
+    saved = dict(models._REGISTRY)
+    yield
+    models._REGISTRY.clear()
+    models._REGISTRY.update(saved)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_data(DataConfig("digits", val_size=0.2))
