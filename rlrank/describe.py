@@ -14,6 +14,7 @@ from torch import nn
 
 from rlrank.layers import LayerInfo, conv_macs
 from rlrank.methods import DecompositionError, FactorizedLayer
+from rlrank.methods.base import conv_geometry, linear_geometry
 from rlrank.modes import preserved_modes
 
 
@@ -22,27 +23,9 @@ def geometry_of(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, FactorizedLayer):
         return module.dense_geometry()
     if isinstance(module, nn.Conv2d):
-        return dict(
-            kind="conv",
-            in_channels=module.in_channels,
-            out_channels=module.out_channels,
-            kernel=tuple(module.kernel_size),
-            stride=tuple(module.stride),
-            padding=tuple(module.padding),
-            dilation=tuple(module.dilation),
-            bias=module.bias is not None,
-        )
+        return conv_geometry(module, module.in_channels, module.out_channels, module.bias is not None)
     if isinstance(module, nn.Linear):
-        return dict(
-            kind="linear",
-            in_channels=module.in_features,
-            out_channels=module.out_features,
-            kernel=(1, 1),
-            stride=(1, 1),
-            padding=(0, 0),
-            dilation=(1, 1),
-            bias=module.bias is not None,
-        )
+        return linear_geometry(module.in_features, module.out_features, module.bias is not None)
     raise DecompositionError(f"cannot factorize a {type(module).__name__}")
 
 

@@ -36,6 +36,35 @@ Geometry = dict[str, Any]
 GEOMETRY_KEYS = ("kind", "in_channels", "out_channels", "kernel", "stride", "padding", "dilation", "bias")
 
 
+def conv_geometry(spatial: nn.Conv2d, in_channels: int, out_channels: int, bias: bool) -> Geometry:
+    """The geometry of a convolution ``in_channels -> out_channels`` whose kernel, stride, padding and
+    dilation are those of ``spatial`` (the layer itself, or the factor that carries them)."""
+    return dict(
+        kind="conv",
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel=tuple(spatial.kernel_size),
+        stride=tuple(spatial.stride),
+        padding=tuple(spatial.padding),
+        dilation=tuple(spatial.dilation),
+        bias=bias,
+    )
+
+
+def linear_geometry(in_features: int, out_features: int, bias: bool) -> Geometry:
+    """The geometry of a linear layer (a 1 x 1 "kernel" on a 1 x 1 map)."""
+    return dict(
+        kind="linear",
+        in_channels=in_features,
+        out_channels=out_features,
+        kernel=(1, 1),
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        bias=bias,
+    )
+
+
 class DecompositionError(UserError):
     """A bad ratio, rank, decomposition name or layer."""
 

@@ -24,6 +24,8 @@ from rlrank.methods.base import (
     Geometry,
     LayerWeights,
     conv2d,
+    conv_geometry,
+    linear_geometry,
 )
 
 
@@ -51,16 +53,8 @@ class SVDConv(FactorizedLayer):
         )
 
     def dense_geometry(self) -> Geometry:
-        first = self.first
-        return dict(
-            kind="conv",
-            in_channels=first.in_channels,
-            out_channels=self.last.out_channels,
-            kernel=tuple(first.kernel_size),
-            stride=tuple(first.stride),
-            padding=tuple(first.padding),
-            dilation=tuple(first.dilation),
-            bias=self.last.bias is not None,
+        return conv_geometry(
+            self.first, self.first.in_channels, self.last.out_channels, self.last.bias is not None
         )
 
     def effective_weight(self) -> torch.Tensor:
@@ -83,16 +77,7 @@ class SVDLinear(FactorizedLayer):
         )
 
     def dense_geometry(self) -> Geometry:
-        return dict(
-            kind="linear",
-            in_channels=self.first.in_features,
-            out_channels=self.last.out_features,
-            kernel=(1, 1),
-            stride=(1, 1),
-            padding=(0, 0),
-            dilation=(1, 1),
-            bias=self.last.bias is not None,
-        )
+        return linear_geometry(self.first.in_features, self.last.out_features, self.last.bias is not None)
 
     def effective_weight(self) -> torch.Tensor:
         return self.last.weight @ self.first.weight

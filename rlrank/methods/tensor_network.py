@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from rlrank.layers import LayerInfo
-from rlrank.methods.base import DecompositionError, FactorizedLayer, Geometry, thin_svd
+from rlrank.methods.base import DecompositionError, FactorizedLayer, Geometry, conv_geometry, thin_svd
 
 MEMO_SIZE = 32
 """Factorizations kept per layer (least recently used dropped first)."""
@@ -269,17 +269,7 @@ class TensorNetworkConv(FactorizedLayer):
         return layers[-1](_swap_groups(y, g, made))  # ... and last but one before the last core
 
     def dense_geometry(self) -> Geometry:
-        core = self.core
-        return dict(
-            kind="conv",
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
-            kernel=tuple(core.kernel_size),
-            stride=tuple(core.stride),
-            padding=tuple(core.padding),
-            dilation=tuple(core.dilation),
-            bias=self[-1].bias is not None,
-        )
+        return conv_geometry(self.core, self.in_channels, self.out_channels, self[-1].bias is not None)
 
     def cores(self) -> list[torch.Tensor]:
         """The chain's cores ``(r_{k-1}, size_k, r_k)`` from the children's weights."""

@@ -25,6 +25,7 @@ from rlrank.methods.base import (
     Geometry,
     LayerWeights,
     conv2d,
+    conv_geometry,
 )
 
 
@@ -55,16 +56,8 @@ class Tucker2Conv(FactorizedLayer):
         )
 
     def dense_geometry(self) -> Geometry:
-        core = self.core
-        return dict(
-            kind="conv",
-            in_channels=self.first.in_channels,
-            out_channels=self.last.out_channels,
-            kernel=tuple(core.kernel_size),
-            stride=tuple(core.stride),
-            padding=tuple(core.padding),
-            dilation=tuple(core.dilation),
-            bias=self.last.bias is not None,
+        return conv_geometry(
+            self.core, self.first.in_channels, self.last.out_channels, self.last.bias is not None
         )
 
     def effective_weight(self) -> torch.Tensor:
