@@ -97,7 +97,7 @@ class SearchConfig:
         "tucker2",
         group=BUDGET,
         choices="rlrank.methods:list_methods",
-        help="factorization of kxk convs; 1x1 convs and linear layers use SVD",
+        help="factorization of kxk convs; 1x1 convs and linear layers use SVD (tt and tr factorize them too)",
     )
     hooi_iters: int = option(
         0,

@@ -57,7 +57,7 @@ class LayerInfo:
 
     @property
     def is_pointwise(self) -> bool:
-        """A linear layer or a 1x1 convolution: these are factorized by SVD."""
+        """A linear layer or a 1x1 convolution: SVD factorizes these unless the method is ``pointwise``."""
         return self.kind == "linear" or self.kernel == (1, 1)
 
     def to_dict(self) -> dict[str, Any]:

@@ -70,11 +70,15 @@ def check_decomposition(decomposition: str) -> str:
 
 
 def method_for(layer: LayerInfo, decomposition: str) -> str:
-    """The factorization a layer gets: its current one if factorized, SVD if pointwise."""
+    """The factorization a layer gets: its current one if factorized; for a 1x1 convolution or a
+    linear layer, ``decomposition`` if that method is ``pointwise`` (tt, tr), else SVD; for a
+    k x k convolution, ``decomposition``."""
     check_decomposition(decomposition)
     if layer.method is not None:
         return layer.method
-    return POINTWISE_METHOD if layer.is_pointwise else decomposition
+    if layer.is_pointwise and not get_method(decomposition).pointwise:
+        return POINTWISE_METHOD
+    return decomposition
 
 
 def full_ranks(layer: LayerInfo, method: str) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from rlrank.describe import geometry_of
-from rlrank.methods import POINTWISE_METHOD, DecompositionError, FactorizedLayer, get_method
+from rlrank.methods import POINTWISE_METHOD, DecompositionError, FactorizedLayer, get_method, list_methods
 from rlrank.methods.base import replace_module
 from rlrank.planning import LayerPlan
 
@@ -30,9 +30,10 @@ def empty_factorized(module: nn.Module, method: str, ranks: tuple[int, ...]) -> 
     geometry = geometry_of(module)
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         raise DecompositionError("grouped and depthwise convolutions are left dense")
-    if geometry["kind"] == "linear" and method != POINTWISE_METHOD:
+    pointwise = method == POINTWISE_METHOD or (method in list_methods() and get_method(method).pointwise)
+    if geometry["kind"] == "linear" and not pointwise:
         raise DecompositionError(f"linear layers are factorized by {POINTWISE_METHOD}, not {method!r}")
-    if geometry["kernel"] == (1, 1) and method != POINTWISE_METHOD:
+    if geometry["kernel"] == (1, 1) and not pointwise:
         raise DecompositionError(f"1x1 convolutions are factorized by {POINTWISE_METHOD}, not {method!r}")
     return get_method(method).build_module(geometry, ranks)
 

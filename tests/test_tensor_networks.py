@@ -1,4 +1,5 @@
-"""Tensor-train (``tt``) and tensor-ring (``tr``) convolutions: shapes, exactness, cost, files, search."""
+"""Tensor-train (``tt``) and tensor-ring (``tr``) convolutions and linear layers: shapes, exactness, cost,
+files, search."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import rlrank
+from rlrank import models
 from rlrank.describe import describe_layers
 from rlrank.factor_cache import FactorCache
 from rlrank.flops import count_model, flop_counter_macs
@@ -35,6 +37,7 @@ from rlrank.planning import (
     plan_layer,
     ratio_to_ranks,
 )
+from rlrank.runlog import read_rows
 from rlrank.search import main
 from rlrank.surgery import decompose_model, empty_factorized, factorization_of, replace_module
 
@@ -232,12 +235,15 @@ def test_shared_convolution_is_counted_as_grouped() -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_resnet_layers_are_compressible_and_pointwise_ones_use_svd(method: str) -> None:
+def test_resnet_layers_are_compressible_and_pointwise_ones_use_the_method_too(method: str) -> None:
     model = build_model(ModelSpec("resnet20", num_classes=10, input_size=32))
     layers = describe_layers(model, (3, 32, 32))
     assert all(is_compressible(layer, method) for layer in layers)
+    assert any(layer.kind == "linear" for layer in layers)
     for layer in layers:
-        assert method_for(layer, method) == ("svd" if layer.is_pointwise else method)
+        assert method_for(layer, method) == method
+        for other in ("tucker2", "cp"):  # not pointwise methods: SVD there, as before
+            assert method_for(layer, other) == ("svd" if layer.is_pointwise else other)
         plan = plan_layer(layer, 0.3, method)
         assert plan.method == method_for(layer, method) and plan.macs < layer.macs
 
@@ -248,11 +254,17 @@ def test_bad_layers_and_rank_counts_are_refused(method: str) -> None:
         "kind": "conv", "in_channels": 8, "out_channels": 8, "kernel": (1, 1), "stride": (1, 1),
         "padding": (0, 0), "dilation": (1, 1), "bias": False,
     }  # fmt: skip
-    for geometry in (pointwise, {**pointwise, "kind": "linear"}):
-        with pytest.raises(DecompositionError, match="k x k convolutions only"):
-            get_method(method).build_module(geometry, (2,) * 5)
-    with pytest.raises(DecompositionError, match="1x1 convolutions are factorized by svd"):
-        empty_factorized(nn.Conv2d(8, 8, 1), method, (2, 2))
+    with pytest.raises(DecompositionError, match="convolutions and linear layers only"):
+        get_method(method).build_module({**pointwise, "kind": "pool"}, (2,) * 5)
+    assert get_method(method).pointwise
+    for other in ("tucker2", "cp"):
+        assert not get_method(other).pointwise
+        with pytest.raises(DecompositionError, match="1x1 convolutions are factorized by svd"):
+            empty_factorized(nn.Conv2d(8, 8, 1), other, (2, 2))
+        with pytest.raises(DecompositionError, match="linear layers are factorized by svd"):
+            empty_factorized(nn.Linear(8, 8), other, (2, 2))
+    with pytest.raises(DecompositionError, match="bond ranks"):
+        empty_factorized(nn.Conv2d(8, 8, 1), method, (2,) * 7)
     with pytest.raises(DecompositionError, match="bond ranks"):
         empty_factorized(nn.Conv2d(8, 8, 3), method, (2,) * 7)
     (layer,) = describe_layers(nn.Sequential(nn.Conv2d(8, 8, 3)), (8, 5, 5))
@@ -260,6 +272,117 @@ def test_bad_layers_and_rank_counts_are_refused(method: str) -> None:
         for price in (get_method(method).macs, get_method(method).params):
             with pytest.raises(DecompositionError, match="bond ranks expected"):
                 price(layer, wrong)
+
+
+# ------------------------------------------------------------------------------------------
+# Linear layers and 1x1 convolutions
+# ------------------------------------------------------------------------------------------
+
+POINTWISE = {
+    "linear-12to18-bias": (lambda: nn.Linear(12, 18), (12,)),
+    "linear-prime-7to10": (lambda: nn.Linear(7, 10, bias=False), (7,)),
+    "1x1-16to32-stride2-bias": (lambda: nn.Conv2d(16, 32, 1, stride=2), (16, 5, 5)),
+    "1x1-12to8": (lambda: nn.Conv2d(12, 8, 1, bias=False), (12, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("key", sorted(POINTWISE))
+def test_pointwise_layers_full_rank_and_costs(key: str, method: str) -> None:
+    make, shape = POINTWISE[key]
+    model = nn.Sequential(make()).double()
+    if model[0].bias is not None:
+        with torch.no_grad():
+            model[0].bias.normal_()
+    (layer,) = describe_layers(model, shape)
+    assert layer.is_pointwise and method_for(layer, method) == method and is_compressible(layer, method)
+    cache = FactorCache(model, [layer], method)
+    plan = LayerPlan(layer.name, 1.0, method, full_ranks(layer, method), 0, 0)
+    full = decompose_model(model, [plan], cache)
+    assert isinstance(full[0], FORMS[method]) and full[0].dense_geometry() == {
+        k: getattr(layer, k) for k in full[0].dense_geometry()
+    }
+    assert full[0].linear == (layer.kind == "linear")
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        assert full(x).shape == model(x).shape and _rel(full(x), model(x)) < 1e-12
+        assert full[0].effective_weight().shape == model[0].weight.shape
+        assert _rel(full[0].effective_weight(), model[0].weight) < 1e-12
+    for ratio in (0.2, 0.5):
+        plan = plan_layer(layer, ratio, method)
+        if plan.dense:
+            continue
+        decomposed = decompose_model(model, [plan], cache)
+        macs = flop_counter_macs(decomposed, shape)
+        assert (
+            macs
+            == count_model(decomposed, shape).macs
+            == plan.macs
+            == current_macs(describe_layers(decomposed, shape)[0])
+        )
+        assert (
+            sum(p.numel() for p in decomposed.parameters())
+            == plan.params
+            == count_model(decomposed, shape).params
+        )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_linear_module_keeps_leading_dimensions(method: str) -> None:
+    geometry = {
+        "kind": "linear", "in_channels": 12, "out_channels": 18, "kernel": (1, 1), "stride": (1, 1),
+        "padding": (0, 0), "dilation": (1, 1), "bias": True,
+    }  # fmt: skip
+    ranks = (3, 4, 1, 5) if method == "tt" else (2, 3, 4, 1, 5)
+    module = get_method(method).build_module(geometry, ranks).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+        x = torch.randn(2, 5, 12, dtype=torch.float64)
+        expected = F.linear(x, module.effective_weight(), module.effective_bias())
+        assert module(x).shape == (2, 5, 18) and _rel(module(x), expected) < 1e-12
+    assert module.dense_geometry() == geometry
+
+
+def _pointwise_net(
+    num_classes: int = 10, in_channels: int = 3, input_size: int = 32, pretrained: bool = False
+) -> nn.Module:
+    """A 3x3 convolution, a 1x1 convolution and a linear layer."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 12, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(12, 16, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, num_classes),
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pointwise_layers_save_and_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    monkeypatch.setitem(models._REGISTRY, "pointwise_net", _pointwise_net)
+    spec = ModelSpec("pointwise_net", num_classes=10, in_channels=3, input_size=8)
+    model = build_model(spec).eval()
+    shape = (3, 8, 8)
+    layers = describe_layers(model, shape)
+    plans = [plan_layer(layer, 0.4, method, allow_dense=False) for layer in layers]
+    compressed = decompose_model(model, plans, FactorCache(model, layers, method)).eval()
+    saved = factorization_of(compressed)
+    assert {name: entry["method"] for name, entry in saved.items()} == {"0": method, "2": method, "6": method}
+    assert (
+        flop_counter_macs(compressed, shape)
+        == count_model(compressed, shape).macs
+        == sum(plan.macs for plan in plans)
+    )
+    loaded = rlrank.load(rlrank.save(tmp_path / "model.pt", compressed, spec))
+    assert factorization_of(loaded) == saved
+    assert isinstance(loaded[6], FORMS[method]) and loaded[6].linear and not loaded[2].linear
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), compressed(x))
 
 
 # ------------------------------------------------------------------------------------------
@@ -339,7 +462,9 @@ FAST = [
 
 @pytest.mark.parametrize("method", METHODS)
 def test_search_meets_its_budget(tmp_path: Path, method: str) -> None:
-    assert main([*FAST, "--decomposition", method, "--out", str(tmp_path)]) == 0
+    """... and factorizes the linear layer ``fc`` with the method too (``--no-fill-budget``: the last
+    layer, ``fc``, takes its own action instead of the budget left, which would keep it dense)."""
+    assert main([*FAST, "--no-fill-budget", "--decomposition", method, "--out", str(tmp_path)]) == 0
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     report = json.loads((run / "report.json").read_text())
     assert report["decomposition"] == method and report["compressed"]["flops_ratio"] <= 0.5
@@ -351,4 +476,9 @@ def test_search_meets_its_budget(tmp_path: Path, method: str) -> None:
         <= 0.5 * count_model(dense, shape).macs
     )
     methods = {layer.name: layer.method for layer in describe_layers(model, shape)}
-    assert method in methods.values() and set(methods.values()) <= {method, "svd", None}
+    assert method in methods.values() and set(methods.values()) <= {method, None}
+    rows = read_rows(run / "stage-1" / "episodes.jsonl")
+    assert rows and all(row["layers"]["fc"]["method"] in (method, None) for row in rows)
+    if method == "tt":  # (with tr, fc stays dense at the ratios these 3 episodes give it)
+        assert any(row["layers"]["fc"]["method"] == "tt" and row["layers"]["fc"]["ranks"] for row in rows)
+    assert all(row["flops_ratio"] <= 0.5 for row in rows if not row["failed"])

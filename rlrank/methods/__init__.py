@@ -25,7 +25,8 @@ from rlrank.methods.tucker2 import Tucker2, Tucker2Conv
 _REGISTRY: dict[str, CompressionMethod] = {}
 
 POINTWISE_METHOD = "svd"
-"""The method of every 1x1 convolution and linear layer, whatever ``--decomposition`` says."""
+"""The method of every 1x1 convolution and linear layer when ``--decomposition`` names a method that is
+not :attr:`~rlrank.methods.base.CompressionMethod.pointwise` (tucker2, cp)."""
 
 
 def register_method(method: CompressionMethod) -> CompressionMethod:

@@ -12,7 +12,8 @@ A :class:`CompressionMethod` answers four questions about a layer, given its
   whose children take the factors in order).
 
 Methods register by name in :mod:`rlrank.methods`; ``--decomposition NAME`` picks one for the k x k
-convolutions (1x1 convolutions and linear layers always use ``svd``).
+convolutions, and for the 1x1 convolutions and linear layers when the method is
+:attr:`~CompressionMethod.pointwise` (else these use ``svd``).
 """
 
 from __future__ import annotations
@@ -198,10 +199,13 @@ class CompressionMethod(ABC):
         name: The ``--decomposition`` name (and the ``method`` saved with a factorized layer).
         data_aware: Whether the method uses a layer's output covariance (``--data-aware``) to
             choose its output factor.
+        pointwise: Whether the method also factorizes 1x1 convolutions and linear layers (tt, tr);
+            with any other method these get ``svd``, whatever ``--decomposition`` says.
     """
 
     name: str = ""
     data_aware: bool = False
+    pointwise: bool = False
 
     # ------------------------------------------------------------------ pricing
 

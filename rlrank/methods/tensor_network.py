@@ -23,6 +23,10 @@ i.e. a grouped convolution whose groups share their weight). In channel order, s
 * ``out_e``, 1x1 with the layer's bias, after moving the ring index last but one:
   ``(m_1..m_{e-1} | g, R_e) -> (m_1..m_{e-1} | m_e)``.
 
+A 1x1 convolution is the same chain with a spatial mode of size 1 (``core`` is 1x1 too), and a
+linear layer ``(out, in)`` is that chain on a 1 x 1 map: the module reshapes ``(N, in)`` to
+``(N, in, 1, 1)``, runs the convolutions and flattens the result back to ``(N, out)``.
+
 Every product is a convolution, so ``FlopCounterMode`` and :func:`rlrank.flops.count_model` count
 them exactly; :func:`chain_macs` is that count (one input, ``P_k = n_{k+1} ... n_d``,
 ``M_j = m_1 ... m_j``, ``R_j = r_{d+j}``)::
@@ -46,7 +50,14 @@ import torch
 from torch import nn
 
 from rlrank.layers import LayerInfo
-from rlrank.methods.base import DecompositionError, FactorizedLayer, Geometry, conv_geometry, thin_svd
+from rlrank.methods.base import (
+    DecompositionError,
+    FactorizedLayer,
+    Geometry,
+    conv_geometry,
+    linear_geometry,
+    thin_svd,
+)
 
 MEMO_SIZE = 32
 """Factorizations kept per layer (least recently used dropped first)."""
@@ -218,10 +229,12 @@ def _swap_groups(x: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
 
 
 class TensorNetworkConv(FactorizedLayer):
-    """A k x k convolution as a chain of cores (ring rank ``ring``, bond ranks ``bonds``); see the module docstring.
+    """A convolution or a linear layer as a chain of cores (ring rank ``ring``, bond ranks ``bonds``);
+    see the module docstring.
 
-    Children, all :class:`SharedConv`: ``in1 .. in{d}`` (1x1), ``core`` (k x k), ``out1 .. out{e}``
-    (1x1, the last with the bias).
+    Children, all :class:`SharedConv`: ``in1 .. in{d}`` (1x1), ``core`` (k x k; 1x1 for a 1x1
+    convolution or a linear layer), ``out1 .. out{e}`` (1x1, the last with the bias). ``linear``:
+    whether it replaces a linear layer (inputs ``(..., in)``, outputs ``(..., out)``).
     """
 
     def __init__(
@@ -232,8 +245,8 @@ class TensorNetworkConv(FactorizedLayer):
         ranks: tuple[int, ...],
         device: torch.device | str | None = None,
     ) -> None:
-        if conv["kind"] != "conv" or tuple(conv["kernel"]) == (1, 1):
-            raise DecompositionError(f"{self.method} factorizes k x k convolutions only; use svd")
+        if conv["kind"] not in ("conv", "linear"):
+            raise DecompositionError(f"{self.method} factorizes convolutions and linear layers only")
         ins, _, outs = mode_sizes(conv)
         d, e = len(ins), len(outs)
         if len(bonds) != d + e:
@@ -258,8 +271,16 @@ class TensorNetworkConv(FactorizedLayer):
         super().__init__(layers, ranks)
         self.in_modes, self.out_modes, self.ring, self.bonds = ins, outs, ring, tuple(bonds)
         self.in_channels, self.out_channels = cin, cout
+        self.linear = conv["kind"] == "linear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear:
+            lead = x.shape[:-1]
+            y = self._chain(x.reshape(-1, self.in_channels, 1, 1))
+            return y.reshape(*lead, self.out_channels)
+        return self._chain(x)
+
+    def _chain(self, x: torch.Tensor) -> torch.Tensor:
         layers, g = list(self.children()), self.ring
         y = layers[0](x)  # channels (n_d .. n_2, g, r_1)
         y = _swap_groups(y, self.in_channels // self.in_modes[0], g)  # the ring index goes first
@@ -269,7 +290,10 @@ class TensorNetworkConv(FactorizedLayer):
         return layers[-1](_swap_groups(y, g, made))  # ... and last but one before the last core
 
     def dense_geometry(self) -> Geometry:
-        return conv_geometry(self.core, self.in_channels, self.out_channels, self[-1].bias is not None)
+        bias = self[-1].bias is not None
+        if self.linear:
+            return linear_geometry(self.in_channels, self.out_channels, bias)
+        return conv_geometry(self.core, self.in_channels, self.out_channels, bias)
 
     def cores(self) -> list[torch.Tensor]:
         """The chain's cores ``(r_{k-1}, size_k, r_k)`` from the children's weights."""
@@ -280,7 +304,8 @@ class TensorNetworkConv(FactorizedLayer):
         return weights_to_cores(weights, _sizes(self.dense_geometry()), d, self.ring)
 
     def effective_weight(self) -> torch.Tensor:
-        return tensor_kernel(chain_tensor(self.cores()), self.dense_geometry())
+        kernel = tensor_kernel(chain_tensor(self.cores()), self.dense_geometry())
+        return kernel[:, :, 0, 0] if self.linear else kernel
 
 
 def cores_to_weights(cores: Sequence[torch.Tensor], d: int, kernel: tuple[int, int]) -> list[torch.Tensor]:

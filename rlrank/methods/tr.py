@@ -1,4 +1,4 @@
-"""Tensor ring (TR): a k x k convolution as a ring of small cores (Wang et al., 2018; Zhao et al., 2016).
+"""Tensor ring (TR): a convolution or a linear layer as a ring of small cores (Wang et al., 2018; Zhao et al., 2016).
 
 The kernel tensor and the layer that runs it are those of the tensor train
 (:mod:`rlrank.methods.tensor_network`, :mod:`rlrank.methods.tt`), with the chain closed into a
@@ -9,7 +9,8 @@ grouped convolution of ``g`` groups sharing one weight), and the last 1x1 convol
 ``(g, R)`` into the output channels. MACs and parameters:
 :func:`~rlrank.methods.tensor_network.chain_macs` and ``chain_params`` with ring rank ``g``, so
 every factor but the first and the last costs ``g`` times its tensor-train counterpart; ranks are
-``(r_0, r_1, .., r_{d+e})``.
+``(r_0, r_1, .., r_{d+e})``. Like TT, the method is ``pointwise``: 1x1 convolutions and linear
+layers (the kernel ``(out, in, 1, 1)`` on a 1 x 1 map) run as the same ring with a 1x1 ``core``.
 
 Factors: TR-SVD (Zhao et al., 2016): the first unfolding ``n_1 x rest`` is cut at rank
 ``r_0 * r_1`` and its left factor split into the first core ``(r_0, n_1, r_1)``; the rest, with the
@@ -53,7 +54,8 @@ from rlrank.methods.tensor_network import (
 
 
 class TRConv(TensorNetworkConv):
-    """A tensor-ring convolution: :class:`TensorNetworkConv` with ``ranks = (r_0, r_1, .., r_{d+e})``."""
+    """A tensor-ring convolution (or linear layer): :class:`TensorNetworkConv` with
+    ``ranks = (r_0, r_1, .., r_{d+e})``."""
 
     method = "tr"
 
@@ -101,9 +103,10 @@ def _split(ranks: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
 
 
 class TR(CompressionMethod):
-    """Tensor-ring decomposition of the reshaped kernel (TR-SVD per ranks)."""
+    """Tensor-ring decomposition of the reshaped kernel (TR-SVD per ranks); also for 1x1 convs and linear layers."""
 
     name = "tr"
+    pointwise = True
 
     def full_ranks(self, layer: LayerInfo) -> tuple[int, ...]:
         ins, spatial, outs = mode_sizes(layer)

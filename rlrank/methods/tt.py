@@ -1,4 +1,4 @@
-"""Tensor train (TT): a k x k convolution as a chain of small cores (Garipov et al., 2016).
+"""Tensor train (TT): a convolution or a linear layer as a chain of small cores (Garipov et al., 2016).
 
 The kernel is reshaped into the tensor ``(n_1..n_d, kh*kw, m_1..m_e)`` of
 :mod:`rlrank.methods.tensor_network` (input channels factored into ``d`` modes, the kernel
@@ -11,6 +11,9 @@ last with the bias); e.g. a 64 -> 64 3x3 convolution (modes ``8, 8 | 9 | 8, 8``)
 ``r_3 -> 8 r_4`` and a 1x1 ``r_4 -> 8`` on each of 8 groups (the groups share their weight).
 MACs and parameters: :func:`~rlrank.methods.tensor_network.chain_macs` and ``chain_params`` with
 ring rank 1, e.g. ``HW_in (64 r_1 + 8 r_1 r_2) + HW_out (9 r_2 r_3 + 8 r_3 r_4 + 64 r_4)``.
+The method is ``pointwise``: a 1x1 convolution is the same chain with a spatial mode of size 1 (a
+1x1 ``core``), and a linear layer ``(out, in)`` the chain of the kernel ``(out, in, 1, 1)`` run on a
+1 x 1 map (``HW_in = HW_out = 1``; :class:`TTConv` with ``linear`` set reshapes its input and output).
 
 Ratio 1 is the ranks of the sequential unfoldings, ``r_k = min(n_1..n_k, n_{k+1}..n_D)``, at which
 TT-SVD reproduces the kernel exactly (a factorized layer at ratio 1 costs more than the dense one,
@@ -48,7 +51,8 @@ from rlrank.methods.tensor_network import (
 
 
 class TTConv(TensorNetworkConv):
-    """A tensor-train convolution: :class:`TensorNetworkConv` with ring rank 1, ``ranks = r_1 .. r_{d+e}``."""
+    """A tensor-train convolution (or linear layer): :class:`TensorNetworkConv` with ring rank 1,
+    ``ranks = r_1 .. r_{d+e}``."""
 
     method = "tt"
 
@@ -59,9 +63,10 @@ class TTConv(TensorNetworkConv):
 
 
 class TT(CompressionMethod):
-    """Tensor-train decomposition of the reshaped kernel (TT-SVD per ranks)."""
+    """Tensor-train decomposition of the reshaped kernel (TT-SVD per ranks); also for 1x1 convs and linear layers."""
 
     name = "tt"
+    pointwise = True
 
     def full_ranks(self, layer: LayerInfo) -> tuple[int, ...]:
         ins, spatial, outs = mode_sizes(layer)
