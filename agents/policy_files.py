@@ -17,7 +17,7 @@ import numpy as np
 
 from rlrank.atomic import atomic_write, save_torch, write_json
 from rlrank.errors import UserError
-from rlrank.safe_load import load_error, load_tensors
+from rlrank.safe_load import read_tensors
 
 POLICY_FORMAT = "rlrank-policy/1"
 NETWORKS_FILE = "policy.pt"
@@ -63,10 +63,7 @@ def read_networks(directory: str | Path) -> dict[str, Any]:
     path = policy_dir(directory) / NETWORKS_FILE
     if not path.is_file():
         raise PolicyError(f"policy networks missing: {path} does not exist")
-    try:
-        networks = load_tensors(path)
-    except Exception as exc:
-        raise PolicyError(load_error("policy", path, exc)) from exc
+    networks = read_tensors(path, "policy", PolicyError)
     if not isinstance(networks, dict):
         raise PolicyError(f"{path} is not an rlrank policy (no networks in it)")
     return networks

@@ -26,7 +26,7 @@ from rlrank.atomic import save_torch, write_json
 from rlrank.envs import OBSERVATION_FEATURES
 from rlrank.records import EpisodeRow
 from rlrank.run_folder import CHECKPOINT_POINTER_FILE, RunFolderError, read_json
-from rlrank.safe_load import load_error, load_tensors
+from rlrank.safe_load import read_tensors
 
 AGENT_DIR = "agent"
 RNG_FILE = "rng.pt"
@@ -105,11 +105,7 @@ def restore_checkpoint(stage_dir: Path, agent: Agent) -> SearchProgress:
         if (target / AGENT_DIR).is_dir():
             agent.restore(target / AGENT_DIR)
         agent.load_state_dict(state["agent"])
-        try:
-            rng = load_tensors(target / RNG_FILE)["torch"]
-        except Exception as exc:
-            raise RunFolderError(load_error("random state", target / RNG_FILE, exc)) from exc
-        torch.set_rng_state(rng)
+        torch.set_rng_state(read_tensors(target / RNG_FILE, "random state", RunFolderError)["torch"])
         random.setstate(_tuples(state["python_rng"]))
         np.random.set_state(
             tuple(state["numpy_rng"][:1])

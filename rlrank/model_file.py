@@ -17,7 +17,7 @@ from torch import nn
 
 from rlrank.atomic import save_torch
 from rlrank.models import ModelError, ModelSpec, build_model, builder_of, load_checkpoint, load_state_into
-from rlrank.safe_load import load_error, load_tensors
+from rlrank.safe_load import read_tensors
 from rlrank.surgery import apply_factorization, factorization_of
 
 MODEL_FORMAT = "rlrank-model/1"
@@ -63,10 +63,7 @@ def load(
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
-    try:
-        payload = load_tensors(path)
-    except Exception as exc:
-        raise ModelError(load_error("model file", path, exc)) from exc
+    payload = read_tensors(path, "model file", ModelError)
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         if model is None:
             raise ModelError(
@@ -126,8 +123,5 @@ def _rebuild(spec: ModelSpec, source: Mapping[str, str | None]) -> nn.Module:
 
 def load_metadata(path: str | Path) -> dict[str, Any]:
     """Architecture, factorization and metadata of a saved model, without building it."""
-    try:
-        payload = load_tensors(path)
-    except Exception as exc:
-        raise ModelError(load_error("model file", path, exc)) from exc
+    payload = read_tensors(path, "model file", ModelError)
     return {k: payload[k] for k in ("format", "arch", "factorized", "metadata") if k in payload}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlrank.errors import UserError
-from rlrank.safe_load import load_error, load_tensors
+from rlrank.safe_load import read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -344,10 +344,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint not found: {path}")
-    try:
-        obj = load_tensors(path)
-    except Exception as exc:
-        raise ModelError(load_error("checkpoint", path, exc)) from exc
+    obj = read_tensors(path, "checkpoint", ModelError)
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):

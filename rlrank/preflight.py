@@ -137,7 +137,6 @@ class Setup:
     model: nn.Module
     layers: list[LayerInfo]
     input_shape: tuple[int, int, int]
-    policy_meta: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     weights_given: bool = False
     """The model came trained (``--checkpoint``, ``--pretrained`` or a model passed in): no dense training."""
@@ -189,7 +188,7 @@ def prepare(config: SearchConfig, model: nn.Module | None = None, data: DataSpli
         )
         logger.warning(setup.warnings[-1])
     if config.policy:
-        setup.policy_meta, warning = check_policy(config)
+        warning = check_policy(config)
         if warning:
             logger.warning(warning)
             setup.warnings.append(warning)
@@ -219,12 +218,12 @@ def check_exclude(config: SearchConfig, layers: list[LayerInfo]) -> None:
         raise ConfigError(f"--exclude leaves no compressible layer of {config.model} to search")
 
 
-def check_policy(config: SearchConfig) -> tuple[dict[str, Any], str | None]:
+def check_policy(config: SearchConfig) -> str | None:
     """Read and fully load ``--policy`` once (metadata, networks, replay buffer), so that a policy
     that cannot work is refused before anything is written or trained.
 
     Returns:
-        The policy's metadata, and a warning when it was trained on another model.
+        A warning when the policy was trained on another model, else ``None``.
 
     Raises:
         PolicyError: Missing, unreadable, crafted, or made for another environment.
@@ -240,4 +239,4 @@ def check_policy(config: SearchConfig) -> tuple[dict[str, Any], str | None]:
     )
     with preserved_random_state():  # building the networks seeds the global generators
         load_policy(config.policy, observation_space(), action_space())
-    return meta, warning
+    return warning

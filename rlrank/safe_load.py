@@ -19,6 +19,14 @@ def load_tensors(path: str | Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def read_tensors(path: str | Path, what: str, error: type[Exception]) -> Any:
+    """:func:`load_tensors`, raising ``error`` with :func:`load_error`'s one line when it fails."""
+    try:
+        return load_tensors(path)
+    except Exception as exc:
+        raise error(load_error(what, path, exc)) from exc
+
+
 def load_error(what: str, path: str | Path, exc: BaseException) -> str:
     """One line saying why the ``what`` at ``path`` (``"checkpoint"``, ``"model file"``, ...) could not
     be loaded, without torch's ``weights_only=False`` hint."""

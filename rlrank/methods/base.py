@@ -95,6 +95,21 @@ def conv2d(
     )
 
 
+def spatial_conv2d(
+    cin: int, cout: int, geometry: Geometry, device: torch.device | str | None = None
+) -> nn.Conv2d:
+    """The factor that carries a layer's kernel, stride, padding and dilation (no bias)."""
+    return conv2d(
+        cin,
+        cout,
+        geometry["kernel"],
+        geometry["stride"],
+        geometry["padding"],
+        geometry["dilation"],
+        device=device,
+    )
+
+
 class FactorizedLayer(nn.Sequential):
     """Base of the factorized forms: a sequence of factor layers plus what it stands for."""
 

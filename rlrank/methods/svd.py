@@ -26,6 +26,7 @@ from rlrank.methods.base import (
     conv2d,
     conv_geometry,
     linear_geometry,
+    spatial_conv2d,
 )
 
 
@@ -38,15 +39,7 @@ class SVDConv(FactorizedLayer):
         (r,) = ranks
         super().__init__(
             OrderedDict(
-                first=conv2d(
-                    conv["in_channels"],
-                    r,
-                    conv["kernel"],
-                    conv["stride"],
-                    conv["padding"],
-                    conv["dilation"],
-                    device=device,
-                ),
+                first=spatial_conv2d(conv["in_channels"], r, conv, device=device),
                 last=conv2d(r, conv["out_channels"], (1, 1), bias=conv["bias"], device=device),
             ),
             ranks,

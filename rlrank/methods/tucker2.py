@@ -26,6 +26,7 @@ from rlrank.methods.base import (
     LayerWeights,
     conv2d,
     conv_geometry,
+    spatial_conv2d,
 )
 
 
@@ -41,15 +42,7 @@ class Tucker2Conv(FactorizedLayer):
         super().__init__(
             OrderedDict(
                 first=conv2d(conv["in_channels"], r_in, (1, 1), device=device),
-                core=conv2d(
-                    r_in,
-                    r_out,
-                    conv["kernel"],
-                    conv["stride"],
-                    conv["padding"],
-                    conv["dilation"],
-                    device=device,
-                ),
+                core=spatial_conv2d(r_in, r_out, conv, device=device),
                 last=conv2d(r_out, conv["out_channels"], (1, 1), bias=conv["bias"], device=device),
             ),
             ranks,
