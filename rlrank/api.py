@@ -103,7 +103,16 @@ def _load(data: str, options: dict[str, Any]) -> DataSplits:
     if val_size is None:
         val_size = 0.2 if dataset == "digits" else 5000
     return load_data(
-        DataConfig(dataset, data_dir, val_size, options.get("split_seed", 0), options.get("download", False))
+        DataConfig(
+            dataset,
+            data_dir,
+            val_size,
+            options.get("split_seed", 0),
+            options.get("download", False),
+            loading=options.get("loading", "auto"),
+            image_size=options.get("image_size"),
+            workers=options.get("loader_workers"),
+        )
     )
 
 

@@ -66,6 +66,29 @@ class SearchConfig:
         help="data folder (cifar10: torchvision's files; imagefolder: DIR/train, DIR/test, or a .tar.gz of them)",
     )
     download: bool = option(False, group=MODEL_AND_DATA, help="download CIFAR-10 if missing (needs internet)")
+    loading: str = option(
+        "auto",
+        group=MODEL_AND_DATA,
+        choices="rlrank.data:LOADINGS",
+        help="imagefolder: 'memory' decodes every image once (cached per machine), 'stream' reads batches "
+        "from disk with DataLoader workers, 'auto' streams when the decoded images pass 4 GiB",
+    )
+    image_size: int | None = option(
+        None,
+        group=MODEL_AND_DATA,
+        type=positive,
+        metavar="PIXELS",
+        help="imagefolder: fit every image to this side (scaled to cover it, centre-cropped; "
+        "default: the first training image's size)",
+    )
+    loader_workers: int | None = option(
+        None,
+        group=MODEL_AND_DATA,
+        type=count,
+        metavar="N",
+        help="processes decoding a streamed imagefolder (default: none on 1-2 CPU cores, else cores - 1, "
+        "at most 8)",
+    )
     val_size: float | None = option(
         None,
         group=MODEL_AND_DATA,

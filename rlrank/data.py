@@ -1,7 +1,9 @@
 """Data sets and their three splits: train (fine-tuning), val (rewards, selection), test (report).
 
-Every data set is decoded once into uint8 tensors held in memory (or on the GPU); batches are cut,
-augmented and normalized on the fly, so an epoch does no image I/O. The validation split is held
+A data set that fits in memory is decoded once into uint8 tensors held in memory (or on the GPU),
+so an epoch does no image I/O; an image folder too large for that is streamed from disk, batch by
+batch, by a ``DataLoader`` (:mod:`rlrank.streaming`). Either way batches are cut, augmented and
+normalized on the fly, with the same random draws. The validation split is held
 out from the training images, stratified by class and deterministic under ``seed``; the test split
 is the data set's own (for ``digits`` a fixed stratified fifth, the same for every seed).
 
@@ -20,6 +22,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,6 +32,12 @@ from rlrank.errors import UserError
 logger = logging.getLogger(__name__)
 
 DATASETS = ("digits", "cifar10", "imagefolder")
+LOADINGS = ("auto", "memory", "stream")
+"""How ``imagefolder`` images are held: ``memory`` decodes them all once, ``stream`` reads batches
+from disk, ``auto`` streams a folder whose decoded images would pass ``memory_limit`` bytes."""
+RESIDENT_LIMIT = 1024**3
+"""A streamed split read again and again (the reward's validation images) is held in memory when it
+takes at most this many bytes decoded."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -48,6 +57,12 @@ class DataConfig:
         seed: Seed of the train/val split.
         download: Allow downloading CIFAR-10 when it is missing.
         cache_dir: Where archives are extracted (default ``$RLRANK_CACHE`` or ``~/.cache/rlrank``).
+        loading: One of :data:`LOADINGS` (``imagefolder`` only; the other data sets fit in memory).
+        memory_limit: Decoded bytes above which ``loading="auto"`` streams from disk.
+        image_size: Side every ``imagefolder`` image is fitted to (scaled to cover it, centre-cropped);
+            default: the first training image's size.
+        workers: Decoding processes of a streamed split (default:
+            :func:`rlrank.image_folder.default_workers`).
     """
 
     dataset: str = "digits"
@@ -56,11 +71,19 @@ class DataConfig:
     seed: int = 0
     download: bool = False
     cache_dir: str | None = None
+    loading: str = "auto"
+    memory_limit: int = 4 * 1024**3
+    image_size: int | None = None
+    workers: int | None = None
 
 
 @dataclass
 class ImageSplit:
-    """Images as uint8 ``(N, C, H, W)`` and labels as int64 ``(N,)``."""
+    """Images as uint8 ``(N, C, H, W)`` and labels as int64 ``(N,)``, held in memory (or on the GPU).
+
+    A split too large for memory is a :class:`rlrank.streaming.FileSplit` instead: the same methods,
+    with batches decoded from disk.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -68,12 +91,71 @@ class ImageSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of every image."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the decoded images take."""
+        return self.images.numel() * self.images.element_size()
+
     def to(self, device: torch.device | str) -> ImageSplit:
         return ImageSplit(self.images.to(device), self.labels.to(device))
+
+    def take(self, index: torch.Tensor) -> ImageSplit:
+        """The images at ``index``, in that order."""
+        index = index.to(self.images.device)
+        return ImageSplit(self.images[index], self.labels[index])
 
     def subset(self, n: int) -> ImageSplit:
         """The first ``n`` images (the splits are already shuffled)."""
         return ImageSplit(self.images[:n], self.labels[:n])
+
+    def read_batches(
+        self, order: torch.Tensor | None, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """uint8 ``(images, labels)`` batches in ``order`` (default: as stored)."""
+        if order is not None:
+            order = order.to(self.images.device)
+        for start in range(0, len(self), batch_size):
+            if order is None:
+                yield self.images[start : start + batch_size], self.labels[start : start + batch_size]
+            else:
+                index = order[start : start + batch_size]
+                yield self.images[index], self.labels[index]
+
+    def load(self) -> ImageSplit:
+        """The split itself (it is in memory already)."""
+        return self
+
+
+class Split(Protocol):
+    """What a model's feeding needs of a split: :class:`ImageSplit` (in memory) or
+    :class:`rlrank.streaming.FileSplit` (from disk)."""
+
+    labels: torch.Tensor
+
+    def __len__(self) -> int: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def to(self, device: torch.device | str) -> Split: ...
+
+    def take(self, index: torch.Tensor) -> Split: ...
+
+    def subset(self, n: int) -> Split: ...
+
+    def read_batches(
+        self, order: torch.Tensor | None, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def load(self) -> ImageSplit: ...
 
 
 @dataclass
@@ -81,9 +163,9 @@ class DataSplits:
     """The three splits of one data set and how to feed them to a model."""
 
     name: str
-    train: ImageSplit
-    val: ImageSplit
-    test: ImageSplit
+    train: Split
+    val: Split
+    test: Split
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -97,11 +179,11 @@ class DataSplits:
 
     @property
     def in_channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return int(self.train.image_shape[0])
 
     @property
     def input_size(self) -> int:
-        return int(self.train.images.shape[-1])
+        return int(self.train.image_shape[-1])
 
     def to(self, device: torch.device | str) -> DataSplits:
         """The same splits held on ``device`` (e.g. the GPU, so batches never cross the bus)."""
@@ -144,7 +226,7 @@ class DataSplits:
 
     def batches(
         self,
-        split: ImageSplit,
+        split: Split,
         batch_size: int,
         shuffle: bool = False,
         augment: bool = False,
@@ -152,21 +234,19 @@ class DataSplits:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over ``split`` as normalized ``(images, labels)`` batches on the split's device."""
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        n = len(split)
-        order = torch.randperm(n, generator=generator).to(split.images.device) if shuffle else None
-        for start in range(0, n, batch_size):
-            if order is None:
-                images = split.images[start : start + batch_size]
-                labels = split.labels[start : start + batch_size]
-            else:
-                idx = order[start : start + batch_size]
-                images, labels = split.images[idx], split.labels[idx]
+        order = torch.randperm(len(split), generator=generator) if shuffle else None
+        for images, labels in split.read_batches(order, batch_size):
             if augment:
                 images = self.augment(images, generator)
             yield self.normalize(images), labels
 
+    def held(self, split: Split, limit: int = RESIDENT_LIMIT) -> Split:
+        """``split`` decoded into memory when it takes at most ``limit`` bytes, else as it is: a
+        streamed split read again and again (the reward's validation images) is decoded once."""
+        return split.load() if split.nbytes <= limit else split
+
     def endless_batches(
-        self, split: ImageSplit, batch_size: int, generator: torch.Generator, augment: bool = True
+        self, split: Split, batch_size: int, generator: torch.Generator, augment: bool = True
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled, augmented training batches forever (a new permutation every pass)."""
         while True:
@@ -197,8 +277,6 @@ def load_data(config: DataConfig) -> DataSplits:
 
         train_pool, test, classes = load_image_folder(config)
         mean, std, padding, flip = IMAGENET_MEAN, IMAGENET_STD, _default_padding(train_pool), True
-        if train_pool.images.shape[1] != 3:
-            mean, std = _channel_stats(train_pool.images)
     if len(classes) < 2:
         raise DataError(
             f"{config.dataset} data{f' in {config.data_dir}' if config.data_dir else ''} has "
@@ -211,13 +289,13 @@ def load_data(config: DataConfig) -> DataSplits:
         len(train),
         len(val),
         len(test),
-        "x".join(map(str, train.images.shape[1:])),
+        "x".join(map(str, train.image_shape)),
         len(classes),
     )
     return DataSplits(config.dataset, train, val, test, classes, tuple(mean), tuple(std), padding, flip)
 
 
-def split_train_val(pool: ImageSplit, val_size: float, seed: int) -> tuple[ImageSplit, ImageSplit]:
+def split_train_val(pool: Split, val_size: float, seed: int) -> tuple[Split, Split]:
     """Hold a stratified validation split out of ``pool``; both parts come back shuffled.
 
     Args:
@@ -256,7 +334,7 @@ def split_train_val(pool: ImageSplit, val_size: float, seed: int) -> tuple[Image
     train = torch.cat(train_idx)
     val = val[torch.randperm(len(val), generator=generator)]
     train = train[torch.randperm(len(train), generator=generator)]
-    return ImageSplit(pool.images[train], labels[train]), ImageSplit(pool.images[val], labels[val])
+    return pool.take(train), pool.take(val)
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -266,8 +344,8 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def _default_padding(split: ImageSplit) -> int:
-    return max(1, int(split.images.shape[-1]) // 8)
+def _default_padding(split: Split) -> int:
+    return max(1, int(split.image_shape[-1]) // 8)
 
 
 def _load_digits() -> tuple[ImageSplit, ImageSplit, list[str]]:

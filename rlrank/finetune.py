@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlrank.data import DataSplits, ImageSplit
+from rlrank.data import DataSplits, Split
 from rlrank.errors import RunFailure, UserError
 from rlrank.modes import preserved_modes
 
@@ -254,7 +254,7 @@ def train_epochs(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: DataSplits, split: ImageSplit, batch_size: int = 512, desc: str | None = None
+    model: nn.Module, data: DataSplits, split: Split, batch_size: int = 512, desc: str | None = None
 ) -> tuple[float, float]:
     """Top-1 accuracy (0..1) and mean cross-entropy of ``model`` on ``split`` (with a progress bar
     titled ``desc`` when one is given: the long evaluations of the dense and final models)."""

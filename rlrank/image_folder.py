@@ -1,5 +1,6 @@
 """Image folders on disk: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (or ``DIR/val``), or a
-``.tar.gz`` of that layout, extracted once into a cache folder and decoded once per machine.
+``.tar.gz`` of that layout, extracted once into a cache folder; decoded once per machine into memory,
+or streamed from disk when the decoded images would not fit (:mod:`rlrank.streaming`).
 
 Extraction and decoding show progress bars; the decoded uint8 tensors of a folder are cached (see
 :func:`decoded_split`), so a second run on the same data starts in seconds instead of minutes.
@@ -18,9 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from rlrank.atomic import save_torch
-from rlrank.data import DataConfig, DataError, ImageSplit
+from rlrank.data import LOADINGS, DataConfig, DataError, ImageSplit, Split
 from rlrank.errors import StorageError
 from rlrank.safe_load import load_tensors
+from rlrank.streaming import FileSplit, decode_file, fit_image
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def cache_root(config: DataConfig) -> Path:
     return Path(os.environ.get("RLRANK_CACHE", Path.home() / ".cache" / "rlrank"))
 
 
-def _extract_archive(archive: Path, config: DataConfig) -> Path:
+def extract_archive(archive: Path, config: DataConfig) -> Path:
     """Extract a ``.tar.gz`` once into the cache; later calls reuse the extracted folder."""
     stat = archive.stat()
     key = hashlib.sha1(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -77,16 +79,24 @@ def _layout_root(folder: Path) -> Path | None:
     return None
 
 
-def load_image_folder(config: DataConfig) -> tuple[ImageSplit, ImageSplit, list[str]]:
+def load_image_folder(config: DataConfig) -> tuple[Split, Split, list[str]]:
+    """The train pool and test split of an image folder (or ``.tar.gz``) and its class names.
+
+    Held in memory (decoded once per machine, see :func:`decoded_split`) or streamed from disk
+    (:class:`~rlrank.streaming.FileSplit`) as ``config.loading`` says; ``auto`` streams a folder whose
+    decoded images would take more than ``config.memory_limit`` bytes.
+    """
     if not config.data_dir:
         raise DataError("dataset imagefolder needs --data-dir (a folder with train/ and test/, or a .tar.gz)")
+    if config.loading not in LOADINGS:
+        raise DataError(f"unknown loading {config.loading!r}; known: {', '.join(LOADINGS)}")
     root = Path(config.data_dir)
     if not root.exists():
         raise DataError(f"data directory not found: {root}")
     if root.is_file():
         if not root.name.endswith((".tar.gz", ".tgz", ".tar")):
             raise DataError(f"{root} is a file, not a folder or a .tar.gz archive")
-        root = _extract_archive(root, config)
+        root = extract_archive(root, config)
     layout = _layout_root(root)
     if layout is None:
         raise DataError(f"{root} has no train/ folder (expected train/<class>/ and test/<class>/)")
@@ -96,12 +106,50 @@ def load_image_folder(config: DataConfig) -> tuple[ImageSplit, ImageSplit, list[
     classes = sorted(p.name for p in (layout / "train").iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{layout / 'train'} has no class folders")
-    train = decoded_split(layout / "train", classes, config)
-    test = decoded_split(test_dir, classes, config)
+    train_files = _image_files(layout / "train", classes)
+    test_files = _image_files(test_dir, classes)
+    size = (
+        (config.image_size,) * 2
+        if config.image_size
+        else tuple(decode_file(str(train_files[0][0])).shape[1:])
+    )
+    decoded_bytes = (len(train_files[0]) + len(test_files[0])) * 3 * size[0] * size[1]
+    if config.loading == "stream" or (config.loading == "auto" and decoded_bytes > config.memory_limit):
+        workers = default_workers() if config.workers is None else config.workers
+        logger.info(
+            "%s: streaming from disk (%.1f GB decoded%s), %d decoding worker%s",
+            layout,
+            decoded_bytes / 1e9,
+            f" > --memory-limit {config.memory_limit / 1e9:.1f} GB" if config.loading == "auto" else "",
+            workers,
+            "" if workers == 1 else "s",
+        )
+        return (
+            _file_split(*train_files, size, workers),
+            _file_split(*test_files, size, workers),
+            classes,
+        )
+    train = decoded_split(layout / "train", train_files, size, config)
+    test = decoded_split(test_dir, test_files, size, config)
     return train, test, classes
 
 
+def default_workers() -> int:
+    """Decoding processes for a streamed split: none on one or two cores (the main process decodes
+    as fast there, with half the memory: ``experiments/RESULTS.md``, "Data path"), else one per
+    core beyond the first, at most 8."""
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 2 else min(8, cpus - 1)
+
+
+def _file_split(files: list[Path], labels: list[int], size: tuple[int, int], workers: int) -> FileSplit:
+    return FileSplit(
+        [str(path) for path in files], torch.tensor(labels, dtype=torch.int64), (3, *size), workers
+    )
+
+
 def _image_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """The images under ``folder/<class>/`` (sorted per class) and their class indices."""
     files: list[Path] = []
     labels: list[int] = []
     for index, name in enumerate(classes):
@@ -116,16 +164,19 @@ def _image_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[int
     return files, labels
 
 
-def decoded_split(folder: Path, classes: list[str], config: DataConfig) -> ImageSplit:
-    """Every image under ``folder/<class>/`` as one uint8 tensor, decoded once per machine.
+def decoded_split(
+    folder: Path, found: tuple[list[Path], list[int]], size: tuple[int, int], config: DataConfig
+) -> ImageSplit:
+    """The images ``found`` under ``folder`` (files and labels) fitted to ``size``, as one uint8
+    tensor, decoded once per machine.
 
     The decoded tensors of a folder up to :data:`DECODED_CACHE_LIMIT` bytes are kept in the cache
-    folder, keyed by the folder's path and every file's name, size and modification time, so a
-    later run (or a changed folder) never reads stale images and an unchanged one decodes nothing.
+    folder, keyed by the folder's path, the size and every file's name, size and modification time,
+    so a later run (or a changed folder) never reads stale images and an unchanged one decodes nothing.
     """
-    files, labels = _image_files(folder, classes)
+    files, labels = found
     stats = [path.stat() for path in files]
-    fingerprint = hashlib.sha1(str(folder.resolve()).encode())
+    fingerprint = hashlib.sha1(f"{folder.resolve()}:{size}".encode())
     for path, stat in zip(files, stats, strict=True):
         fingerprint.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     cached = cache_root(config) / "decoded" / f"{folder.name}-{fingerprint.hexdigest()[:16]}.pt"
@@ -136,7 +187,7 @@ def decoded_split(folder: Path, classes: list[str], config: DataConfig) -> Image
             return ImageSplit(payload["images"], payload["labels"])
         except Exception as exc:  # a damaged cache file is decoded again
             logger.warning("ignoring the damaged cache file %s (%s)", cached, exc)
-    split = _decode(files, labels, folder)
+    split = _decode(files, labels, folder, size)
     if split.images.numel() <= DECODED_CACHE_LIMIT:
         try:
             save_torch(cached, {"images": split.images, "labels": split.labels})
@@ -145,45 +196,34 @@ def decoded_split(folder: Path, classes: list[str], config: DataConfig) -> Image
     return split
 
 
-def _decode(files: list[Path], labels: list[int], folder: Path) -> ImageSplit:
-    """Decode ``files`` (batched JPEG decoding where possible), resizing odd sizes to the first's."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+def _decode(files: list[Path], labels: list[int], folder: Path, size: tuple[int, int]) -> ImageSplit:
+    """Decode ``files`` (batched JPEG decoding where possible), each fitted to ``size``, straight
+    into one preallocated tensor (peak memory: the decoded images and one chunk)."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    decoded: list[torch.Tensor] = []
+    out = torch.empty((len(files), 3, *size), dtype=torch.uint8)
     bar = tqdm(total=len(files), desc=f"decoding {folder.name}", unit="img", disable=not _bars())
     for start in range(0, len(files), DECODE_CHUNK):
         chunk = files[start : start + DECODE_CHUNK]
-        encoded = [read_file(str(path)) for path in chunk]
         images: list[torch.Tensor] | None = None
         if all(p.suffix.lower() in {".jpg", ".jpeg"} for p in chunk):
             try:  # batched JPEG decoding is several times faster than one call per image
-                images = decode_jpeg(encoded, mode=ImageReadMode.RGB)
+                images = decode_jpeg([read_file(str(path)) for path in chunk], mode=ImageReadMode.RGB)
             except RuntimeError:
                 images = None  # fall back to one image at a time, to name the bad file
         if images is None:
             images = []
-            for path, data in zip(chunk, encoded, strict=True):
+            for path in chunk:
                 try:
-                    images.append(decode_image(data, mode=ImageReadMode.RGB))
-                except RuntimeError as exc:
+                    images.append(decode_file(str(path)))
+                except DataError:
                     bar.close()
-                    raise DataError(f"cannot decode image {path}: {str(exc).splitlines()[0][:200]}") from exc
-        decoded += images
+                    raise
+        for offset, image in enumerate(images):
+            out[start + offset] = fit_image(image, size)
         bar.update(len(chunk))
     bar.close()
-    shape = decoded[0].shape
-    images = [
-        image
-        if image.shape == shape
-        else torch.nn.functional.interpolate(
-            image[None].float(), size=shape[1:], mode="bilinear", antialias=True
-        )[0]
-        .round()
-        .clamp(0, 255)
-        .to(torch.uint8)
-        for image in decoded
-    ]
-    return ImageSplit(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+    return ImageSplit(out, torch.tensor(labels, dtype=torch.int64))
 
 
 def _bars() -> bool:

@@ -161,7 +161,16 @@ def prepare(config: SearchConfig, model: nn.Module | None = None, data: DataSpli
     if data is None:
         val_size = config.val_size if config.val_size is not None else default_val_size(config.dataset)
         data = load_data(
-            DataConfig(config.dataset, config.data_dir, val_size, config.split_seed, config.download)
+            DataConfig(
+                config.dataset,
+                config.data_dir,
+                val_size,
+                config.split_seed,
+                config.download,
+                loading=config.loading,
+                image_size=config.image_size,
+                workers=config.loader_workers,
+            )
         )
     data = data.to(device)
     spec = ModelSpec(config.model, data.num_classes, data.in_channels, data.input_size)

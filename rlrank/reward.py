@@ -60,7 +60,7 @@ class RewardEvaluator:
         self.seed = seed
         self.common_batches = common_batches
         self.episode_seed = seed
-        self.val = data.val.subset(config.val_images) if config.val_images > 0 else data.val
+        self.val = data.held(data.val.subset(config.val_images) if config.val_images > 0 else data.val)
 
     def set_episode(self, stage: int, episode: int) -> None:
         """Derive the random stream (fine-tune batches, augmentation) of one episode."""

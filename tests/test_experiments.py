@@ -319,3 +319,21 @@ def test_bench_load(script: Callable[[str], ModuleType], capsys: pytest.CaptureF
     assert table["busy processes"].tolist() == ["1"] * 4 + ["0"] * 4
     assert table["torch threads"].tolist()[1] == "1" and table["torch threads"].tolist()[5] == "1"
     assert all(float(s) > 0 for s in table["2 SGD steps (s)"])
+
+
+def test_bench_data(
+    script: Callable[[str], ModuleType], tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--synthetic", "100", "--size", "24", "--images", "40", "--workers", "0,1", "--no-cifar"]
+    assert script("bench_data").main([*argv, "--work", str(tmp_path), "--no-append"]) == 0
+    section = _section(capsys.readouterr().out, "Data path: in memory vs streamed from disk")
+    (table,) = _tables(section)
+    assert table["loading"].tolist() == [
+        "memory (cold)",
+        "memory (cached)",
+        "stream, 0 workers",
+        "stream, 1 worker",
+    ]
+    assert table["pass images"].tolist() == ["40"] * 4
+    assert all(float(x.replace(",", "")) > 0 for x in table["images/s"])
+    assert (tmp_path / "cache-synthetic" / "decoded").is_dir()  # the cold run cached what it decoded

@@ -107,6 +107,7 @@ def test_every_agent_meets_the_budget(agent, tmp_path, ddpg_run):
     assert report["compressed"]["flops_ratio"] <= 0.35
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 def test_cuda_device_runs_the_same_code(tmp_path):
     assert main([*FAST, "--device", "cuda", "--out", str(tmp_path)]) == 0
