@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 
+from rlrank.envs.latency_budget import LatencyBudget, fallback_ratios
 from rlrank.envs.spaces import (
     ACTION_MODES,
     action_space,
@@ -31,6 +32,9 @@ from rlrank.planning import (
     min_ratio_reaching,
     plan_layer,
 )
+
+if TYPE_CHECKING:
+    from rlrank.latency_table import LatencyTable
 
 REWARDS = ("acc", "acc-logflops")
 FAIR_GRID = 512
@@ -166,6 +170,10 @@ class RankSearchEnv(gym.Env):
     * ``allow_dense``: let a layer stay dense when its ratio saves nothing; ``False`` gives it the
       largest ranks that still save MACs instead (multi-stage runs factorize every layer in their
       first stage, so that later stages only re-factorize and never add depth).
+    * ``latency_table``, ``latency_budget``: a second budget, a fraction of the dense model's
+      measured latency, enforced like the FLOP budget (:mod:`rlrank.envs.latency_budget`); a layer
+      stays dense from the ratio where its factorized form stops being faster. The last step's
+      ``info`` then holds the predicted ``latency_ratio``.
     """
 
     metadata = {"render_modes": []}
@@ -184,6 +192,8 @@ class RankSearchEnv(gym.Env):
         fill_budget: bool = True,
         action_mode: str = "relative",
         exclude: Sequence[str] | None = None,
+        latency_table: LatencyTable | None = None,
+        latency_budget: float | None = None,
     ) -> None:
         super().__init__()
         if reward not in REWARDS:
@@ -217,15 +227,23 @@ class RankSearchEnv(gym.Env):
         self.dense_params = total_params or sum(layer.params for layer in self.layers)
         self._upper = [current_ratio(layer) for layer in self.steps]
         self._low = [min(self.min_ratio, upper) for upper in self._upper]
-        self._min_macs = [
-            plan_layer(layer, low, self.decomposition).macs
-            for layer, low in zip(self.steps, self._low, strict=True)
-        ]
+        self._dense_from: list[float | None] = [None] * len(self.steps)
+        self.latency: LatencyBudget | None = None
+        if latency_budget is not None and latency_table is not None:
+            if allow_dense:
+                self._dense_from = fallback_ratios(
+                    latency_table,
+                    self.steps,
+                    self._low,
+                    self.decomposition,
+                    min(budgets or [budget]) * self.dense_macs - self.fixed_macs,
+                )
+            self.latency = LatencyBudget(
+                latency_table, self.steps, latency_budget, self._low, self._upper, self.plan_step
+            )
+        self._min_macs = [self.plan_step(i, low).macs for i, low in enumerate(self._low)]
         self.smallest_budget = (self.fixed_macs + sum(self._min_macs)) / self.dense_macs
-        self._max_macs = [
-            plan_layer(layer, upper, self.decomposition, allow_dense).macs
-            for layer, upper in zip(self.steps, self._upper, strict=True)
-        ]
+        self._max_macs = [self.plan_step(i, upper).macs for i, upper in enumerate(self._upper)]
         self._center: np.ndarray | None = None
         self._fair_grid, self._grid_macs, self._suffix_macs = self._tabulate_macs()
         self.budgets = [float(b) for b in (budgets if budgets else [budget])]
@@ -258,7 +276,9 @@ class RankSearchEnv(gym.Env):
     def plan_step(self, index: int, ratio: float) -> LayerPlan:
         """The plan of step ``index`` at ``ratio`` (clipped to the step's range, no action wall)."""
         ratio = float(np.clip(ratio, self._low[index], self._upper[index]))
-        return plan_layer(self.steps[index], ratio, self.decomposition, self.allow_dense)
+        return plan_layer(
+            self.steps[index], ratio, self.decomposition, self.allow_dense, self._dense_from[index]
+        )
 
     def flops_ratio(self, plans: Sequence[LayerPlan]) -> float:
         """Fraction of the dense model's MACs kept by a full strategy."""
@@ -271,25 +291,40 @@ class RankSearchEnv(gym.Env):
         """The ``[low, high]`` range that actions map onto for step ``index``."""
         return self._low[index], self._upper[index]
 
-    def wall(self, index: int, spent: float) -> float:
-        """Largest ratio for step ``index`` that keeps the budget reachable (AMC's action wall)."""
+    def wall(self, index: int, spent: float, spent_ms: float = 0.0) -> float:
+        """Largest ratio for step ``index`` that keeps the budget reachable (AMC's action wall), and
+        the latency budget too when there is one (``spent_ms``: the latency planned so far)."""
         allowed = self.budget * self.dense_macs - self.fixed_macs - spent - sum(self._min_macs[index + 1 :])
         layer = self.steps[index]
-        return max_ratio_within(
-            layer, self.decomposition, allowed, self._low[index], self._upper[index], self.allow_dense
+        wall = max_ratio_within(
+            layer,
+            self.decomposition,
+            allowed,
+            self._low[index],
+            self._upper[index],
+            self.allow_dense,
+            self._dense_from[index],
         )
+        return wall if self.latency is None else min(wall, self.latency.wall(index, spent_ms))
 
-    def floor(self, index: int, spent: float) -> float:
+    def floor(self, index: int, spent: float, spent_ms: float = 0.0) -> float:
         """Smallest ratio for step ``index`` that still lets the episode use its whole budget with
         every later layer at its largest ratio (the lower action wall; ``min_ratio`` when
-        ``fill_budget`` is off)."""
+        ``fill_budget`` is off). With a latency budget too: the lower of the two budgets' floors."""
         if not self.fill_budget:
             return self._low[index]
         needed = self.budget * self.dense_macs - self.fixed_macs - spent - sum(self._max_macs[index + 1 :])
         layer = self.steps[index]
-        return min_ratio_reaching(
-            layer, self.decomposition, needed, self._low[index], self._upper[index], self.allow_dense
+        floor = min_ratio_reaching(
+            layer,
+            self.decomposition,
+            needed,
+            self._low[index],
+            self._upper[index],
+            self.allow_dense,
+            self._dense_from[index],
         )
+        return floor if self.latency is None else min(floor, self.latency.floor(index, spent_ms))
 
     def _tabulate_macs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ratio grid, every step's MACs on it, and those summed over the step and all later ones.
@@ -298,16 +333,8 @@ class RankSearchEnv(gym.Env):
         """
         grid = np.linspace(self.min_ratio, 1.0, FAIR_GRID)
         macs = np.empty((len(self.steps), FAIR_GRID), dtype=np.float64)
-        for i, layer in enumerate(self.steps):
-            row = [
-                plan_layer(
-                    layer,
-                    float(np.clip(r, self._low[i], self._upper[i])),
-                    self.decomposition,
-                    self.allow_dense,
-                ).macs
-                for r in grid
-            ]
+        for i in range(len(self.steps)):
+            row = [self.plan_step(i, float(r)).macs for r in grid]
             macs[i] = np.maximum.accumulate(row)  # monotone in the ratio, for the binary search
         suffix = np.cumsum(macs[::-1], axis=0)[::-1]
         return grid, macs, suffix
@@ -328,25 +355,29 @@ class RankSearchEnv(gym.Env):
             raise ValueError(f"the center needs one positive ratio per step ({len(self.steps)})")
         self._center = center
 
-    def fair_ratio(self, index: int, spent: float) -> float:
+    def fair_ratio(self, index: int, spent: float, spent_ms: float = 0.0) -> float:
         """The ratio of step ``index`` in the strategy that spends exactly the budget left: the
         largest single ratio for this and every later step (uniform center), or, with a center
-        (:meth:`set_center`), the center's ratios scaled by the largest common factor."""
+        (:meth:`set_center`), the center's ratios scaled by the largest common factor; within the
+        latency budget too when there is one."""
         allowed = self.budget * self.dense_macs - self.fixed_macs - spent
         if self._center is None:
             g = int(np.searchsorted(self._suffix_macs[index], allowed + 1e-6, side="right")) - 1
-            return float(self._fair_grid[max(g, 0)])
+            fair = float(self._fair_grid[max(g, 0)])
+            return fair if self.latency is None else min(fair, self.latency.fair(index, spent_ms))
         center = self._center[index:]
         rows = np.arange(index, len(self.steps))
 
-        def macs(scale: float) -> float:
+        def fits(scale: float) -> bool:
             g = np.searchsorted(self._fair_grid, np.minimum(scale * center, 1.0), side="right") - 1
-            return float(self._grid_macs[rows, np.clip(g, 0, FAIR_GRID - 1)].sum())
+            macs = float(self._grid_macs[rows, np.clip(g, 0, FAIR_GRID - 1)].sum())
+            latency = self.latency is None or self.latency.fits(index, scale * center, spent_ms)
+            return macs <= allowed + 1e-6 and latency
 
         lo, hi = 0.0, 1.0 / float(center.min())
         for _ in range(30):  # bisection on the common scale
             mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if macs(mid) <= allowed + 1e-6 else (lo, mid)
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return float(np.clip(lo * center[0], self._low[index], self._upper[index]))
 
     # ---------------------------------------------------------------- observations
@@ -374,6 +405,7 @@ class RankSearchEnv(gym.Env):
     def _observation(self) -> np.ndarray:
         t = self._t
         spent = sum(p.macs for p in self._plans)
+        spent_ms = self.latency.spent(self._plans) if self.latency else 0.0
         removed = sum(current_macs(layer) - p.macs for layer, p in zip(self.steps, self._plans, strict=False))
         to_come = sum(layer.macs for layer in self.steps[t + 1 :])
         dynamic = [
@@ -382,9 +414,9 @@ class RankSearchEnv(gym.Env):
             self._prev_ratio,
             self.budget,
             self._upper[t],
-            self.wall(t, spent),
-            self.floor(t, spent),
-            self.fair_ratio(t, spent),
+            self.wall(t, spent, spent_ms),
+            self.floor(t, spent, spent_ms),
+            self.fair_ratio(t, spent, spent_ms),
         ]
         obs = np.concatenate([self._features[t], dynamic]).astype(np.float32)
         return np.clip(obs, 0.0, 1.0)
@@ -414,11 +446,13 @@ class RankSearchEnv(gym.Env):
         low, high = self._low[t], self._upper[t]
         a = float(np.asarray(action).reshape(-1)[0])
         spent = sum(p.macs for p in self._plans)
+        spent_ms = self.latency.spent(self._plans) if self.latency else 0.0
         if self.action_mode == "relative":
-            wanted = float(np.clip(relative_action_to_ratio(a, self.fair_ratio(t, spent)), low, high))
+            fair = self.fair_ratio(t, spent, spent_ms)
+            wanted = float(np.clip(relative_action_to_ratio(a, fair), low, high))
         else:
             wanted = action_to_ratio(a, low, high)
-        ratio = min(max(wanted, self.floor(t, spent)), self.wall(t, spent))
+        ratio = min(max(wanted, self.floor(t, spent, spent_ms)), self.wall(t, spent, spent_ms))
         self._plans.append(self.plan_step(t, ratio))
         self._prev_ratio = ratio
         self._t += 1
@@ -446,6 +480,8 @@ class RankSearchEnv(gym.Env):
             failed=evaluation.failed,
             timings=dict(evaluation.timings),
         )
+        if self.latency is not None:
+            info["latency_ratio"] = self.latency.ratio_of(plans)
         # the terminal observation: the last layer's features with the final accounting
         self._t = len(self.steps) - 1
         obs = self._observation()

@@ -38,7 +38,7 @@ from rlrank.pipeline import run
 def compress(
     model: nn.Module,
     data: DataSplits | str = "digits",
-    flops: float = 0.5,
+    flops: float | None = None,
     *,
     model_name: str | None = None,
     resume: str | Path | None = None,
@@ -53,7 +53,8 @@ def compress(
         data: Data splits (:func:`rlrank.data.load_data`), or the name of a built-in data set
             (``digits``, ``cifar10`` with ``data_dir=...`` in ``options``), or a folder / ``.tar.gz``
             in the ImageFolder layout.
-        flops: Keep at most this fraction of the model's multiply-accumulates.
+        flops: Keep at most this fraction of the model's multiply-accumulates (default 0.5, or 1
+            with a latency budget, ``latency_budget=F``, alone).
         model_name: The name the run uses for the architecture (default: the class name, lower-case).
         resume: A run folder of an earlier call to continue (pass the same model and data).
         progress: Show progress bars.
@@ -81,6 +82,8 @@ def compress(
         unknown = sorted(set(options) - set(SearchConfig.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)}; see rlrank-search --help")
+        if flops is None:
+            flops = 1.0 if options.get("latency_budget") is not None else 0.5
         config = SearchConfig(model=name, dataset=splits.name, flops=flops, **options)
         return run(config, progress=progress, model=model, data=splits)
 

@@ -145,6 +145,19 @@ class SearchConfig:
         help="layers left as they are, by name or shell-style pattern, comma-separated "
         "(e.g. 'conv1,layer1.*'; --dry-run lists the names)",
     )
+    latency_budget: float | None = option(
+        None,
+        group=BUDGET,
+        flag="--latency",
+        type=fraction,
+        metavar="F",
+        help="keep at most this fraction of the dense model's latency on the run's device, enforced every "
+        "episode like --flops (without --flops: the only budget); priced from a per-layer table timed "
+        "once per model and device (cached); a layer whose factorized form is not faster stays dense",
+    )
+    latency_batch: int = option(
+        64, group=BUDGET, type=positive, metavar="B", help="batch size at which --latency is timed"
+    )
     min_ratio: float = option(
         0.05,
         group=BUDGET,

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlrank.atomic import save_torch
+from rlrank.cache_dir import cache_dir
 from rlrank.data import LOADINGS, DataConfig, DataError, ImageSplit, Split
 from rlrank.errors import StorageError
 from rlrank.safe_load import load_tensors
@@ -34,10 +35,8 @@ DECODED_CACHE_LIMIT = 2 * 1024**3
 
 
 def cache_root(config: DataConfig) -> Path:
-    """Folder where archives are extracted."""
-    if config.cache_dir:
-        return Path(config.cache_dir)
-    return Path(os.environ.get("RLRANK_CACHE", Path.home() / ".cache" / "rlrank"))
+    """Folder where archives are extracted and decoded images cached."""
+    return cache_dir(config.cache_dir)
 
 
 def extract_archive(archive: Path, config: DataConfig) -> Path:

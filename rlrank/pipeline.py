@@ -22,12 +22,14 @@ from rlrank.atomic import write_json
 from rlrank.config import SearchConfig
 from rlrank.data import DataSplits
 from rlrank.dense import dense_baseline
+from rlrank.describe import describe_layers
 from rlrank.errors import ConfigError, Interrupted, RunFailure
 from rlrank.flops import count_model
+from rlrank.latency_table import predicted_latency_ratio
 from rlrank.model_file import save
 from rlrank.options import cli_fields, flag_of
 from rlrank.preflight import Setup, prepare
-from rlrank.report import build_report, latency
+from rlrank.report import LATENCY_BATCHES, build_report, latency
 from rlrank.run_folder import (
     CONFIG_FILE,
     DENSE_INFO_FILE,
@@ -176,8 +178,14 @@ def _stages_and_report(folder: RunFolder, setup: Setup, started: float, progress
     report = build_report(
         config, setup.device, setup.data, dense, dense_cost, model, setup.input_shape, stages, setup.warnings
     )
+    if setup.latency_table is not None:
+        report.latency_budget = config.latency_budget
+        report.predicted_latency_ratio = predicted_latency_ratio(
+            setup.latency_table, describe_layers(model, setup.input_shape)
+        )
     if config.latency:
-        report.latency_ms = latency(dense_model, model, setup.input_shape, setup.device)
+        batches = sorted({*LATENCY_BATCHES, config.latency_batch if config.latency_budget else 1})
+        report.latency_ms = latency(dense_model, model, setup.input_shape, setup.device, batches)
         load = busy_load()
         if load is not None and setup.device.type == "cpu":
             report.latency_unreliable = (

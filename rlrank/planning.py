@@ -139,14 +139,24 @@ class LayerPlan:
         return self.method is None
 
 
-def plan_layer(layer: LayerInfo, ratio: float, decomposition: str, allow_dense: bool = True) -> LayerPlan:
+def plan_layer(
+    layer: LayerInfo,
+    ratio: float,
+    decomposition: str,
+    allow_dense: bool = True,
+    dense_from: float | None = None,
+) -> LayerPlan:
     """Ranks and cost of ``layer`` at ``ratio``.
 
     A dense layer whose factorized form would not save MACs stays dense, or, with
     ``allow_dense=False`` (multi-stage compression, where every layer is factorized in the first
-    stage so that later stages never add depth), gets the largest ranks that still save MACs.
+    stage so that later stages never add depth), gets the largest ranks that still save MACs. With
+    ``allow_dense``, a dense layer also stays dense from ratio ``dense_from`` up: where its
+    factorized form is no faster (a latency budget's :meth:`~rlrank.latency_table.LayerLatency.dense_from`).
     A factorized layer never grows back (its new ranks are at most its current ones).
     """
+    if allow_dense and dense_from is not None and layer.method is None and ratio >= dense_from:
+        return LayerPlan(layer.name, ratio, None, None, layer.macs, layer.params)
     method = method_for(layer, decomposition)
     ranks = ratio_to_ranks(ratio, full_ranks(layer, method))
     if layer.ranks is not None:
@@ -162,12 +172,18 @@ def plan_layer(layer: LayerInfo, ratio: float, decomposition: str, allow_dense: 
 
 
 def max_ratio_within(
-    layer: LayerInfo, decomposition: str, max_macs: float, lo: float, hi: float, allow_dense: bool = True
+    layer: LayerInfo,
+    decomposition: str,
+    max_macs: float,
+    lo: float,
+    hi: float,
+    allow_dense: bool = True,
+    dense_from: float | None = None,
 ) -> float:
     """Largest ratio in ``[lo, hi]`` whose plan costs at most ``max_macs`` (``lo`` if none does)."""
 
     def cost(ratio: float) -> int:
-        return plan_layer(layer, ratio, decomposition, allow_dense).macs
+        return plan_layer(layer, ratio, decomposition, allow_dense, dense_from).macs
 
     if cost(hi) <= max_macs:
         return hi
@@ -183,12 +199,18 @@ def max_ratio_within(
 
 
 def min_ratio_reaching(
-    layer: LayerInfo, decomposition: str, min_macs: float, lo: float, hi: float, allow_dense: bool = True
+    layer: LayerInfo,
+    decomposition: str,
+    min_macs: float,
+    lo: float,
+    hi: float,
+    allow_dense: bool = True,
+    dense_from: float | None = None,
 ) -> float:
     """Smallest ratio in ``[lo, hi]`` whose plan costs at least ``min_macs`` (``hi`` if none does)."""
 
     def cost(ratio: float) -> int:
-        return plan_layer(layer, ratio, decomposition, allow_dense).macs
+        return plan_layer(layer, ratio, decomposition, allow_dense, dense_from).macs
 
     if cost(lo) >= min_macs:
         return lo

@@ -21,6 +21,7 @@ from torch import nn
 from rlrank.agents.ddpg import load_policy
 from rlrank.agents.policy_files import check_policy_fits, read_policy_metadata
 from rlrank.agents.registry import agent_spec
+from rlrank.cache_dir import cache_dir
 from rlrank.checkpoint import preserved_random_state
 from rlrank.config import SearchConfig
 from rlrank.data import DataConfig, DataSplits, load_data
@@ -29,12 +30,15 @@ from rlrank.envs import (
     OBSERVATION_FEATURES,
     REWARDS,
     BudgetError,
+    Evaluation,
+    RankSearchEnv,
     action_space,
     observation_space,
     smallest_budget,
 )
 from rlrank.errors import ConfigError
 from rlrank.finetune import resolve_device
+from rlrank.latency_table import LatencyTable, latency_table
 from rlrank.layers import LayerInfo
 from rlrank.models import ModelSpec, build_model, load_checkpoint
 from rlrank.options import SEED_MAX
@@ -58,6 +62,10 @@ def validate(config: SearchConfig) -> None:
             raise ConfigError(f"{name} must be a finite number in {bound}, {high:g}], got {value!r}")
 
     fraction("--flops", config.flops)
+    if config.latency_budget is not None:
+        fraction("--latency", config.latency_budget)
+        if config.stages > 1:
+            raise ConfigError("--latency works with one stage (--stages 1) for now")
     fraction("--min-ratio", config.min_ratio)
     fraction("--spread", config.spread)
     fraction("--noise-decay", config.noise_decay)
@@ -140,6 +148,8 @@ class Setup:
     warnings: list[str] = field(default_factory=list)
     weights_given: bool = False
     """The model came trained (``--checkpoint``, ``--pretrained`` or a model passed in): no dense training."""
+    latency_table: LatencyTable | None = None
+    """The per-layer latency table of ``--latency`` (measured or from the cache)."""
 
 
 def prepare(config: SearchConfig, model: nn.Module | None = None, data: DataSplits | None = None) -> Setup:
@@ -190,6 +200,8 @@ def prepare(config: SearchConfig, model: nn.Module | None = None, data: DataSpli
         if budget < smallest - 1e-12:
             raise BudgetError(budget, smallest)
     setup = Setup(config, device, data, spec, model, layers, input_shape, weights_given=weights_given)
+    if config.latency_budget is not None:
+        setup.latency_table = check_latency_budget(config, model, layers, input_shape, device)
     if agent_spec(config.agent).learns and not config.policy and 0 < config.episodes <= config.warmup:
         setup.warnings.append(
             f"--warmup {config.warmup} >= --episodes {config.episodes}: the agent only plays its warm-up "
@@ -203,6 +215,49 @@ def prepare(config: SearchConfig, model: nn.Module | None = None, data: DataSpli
             setup.warnings.append(warning)
     warn_if_busy()  # after every check: bad input stays one line
     return setup
+
+
+def check_latency_budget(
+    config: SearchConfig,
+    model: nn.Module,
+    layers: list[LayerInfo],
+    input_shape: tuple[int, int, int],
+    device: torch.device,
+) -> LatencyTable:
+    """The model's latency table (timed once per model and device, then cached), after checking
+    that ``--latency`` can be reached.
+
+    Raises:
+        LatencyBudgetError: The budget is below the latency with every searched layer at its fastest.
+    """
+    steps = [
+        layer
+        for layer in layers
+        if is_compressible(layer, config.decomposition) and not is_excluded(layer.name, config.exclude)
+    ]
+    table = latency_table(
+        model,
+        steps,
+        config.decomposition,
+        input_shape,
+        config.latency_batch,
+        device,
+        cache_dir(),
+        config.min_ratio,
+        progress=True,
+    )
+    RankSearchEnv(  # raises when the budgets cannot both be met
+        layers,
+        lambda plans: Evaluation(accuracy=0.0),
+        budget=config.flops,
+        budgets=config.train_budgets or None,
+        decomposition=config.decomposition,
+        min_ratio=config.min_ratio,
+        exclude=config.exclude,
+        latency_table=table,
+        latency_budget=config.latency_budget,
+    )
+    return table
 
 
 def check_exclude(config: SearchConfig, layers: list[LayerInfo]) -> None:

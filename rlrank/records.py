@@ -39,6 +39,7 @@ class EpisodeRow:
         agent_stats: What the agent reported (critic loss, noise std, ...).
         timestamp: Seconds since the epoch when the episode ended.
         phase: ``center``, ``warmup``, ``explore``, ``random``, ``policy`` or ``rule``.
+        latency_ratio: Predicted fraction of the dense model's latency (with ``--latency`` only).
     """
 
     stage: int
@@ -56,9 +57,13 @@ class EpisodeRow:
     agent_stats: dict[str, float] = field(default_factory=dict)
     timestamp: float = 0.0
     phase: str = ""
+    latency_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.latency_ratio is None:
+            del data["latency_ratio"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EpisodeRow:
@@ -125,6 +130,9 @@ class Report:
             ``--no-latency``).
         latency_unreliable: Why the latency figures cannot be trusted (the machine was busy while
             they were measured), or ``None``.
+        latency_budget: ``--latency``, or ``None``.
+        predicted_latency_ratio: With ``--latency``, the compressed model's latency as a fraction of
+            the dense model's, predicted from the latency table (compare ``latency_ms``).
     """
 
     model: str
@@ -143,6 +151,8 @@ class Report:
     latency_ms: dict[str, dict[str, float]] | None = None
     latency_unreliable: str | None = None
     wall_seconds: float = 0.0
+    latency_budget: float | None = None
+    predicted_latency_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -150,6 +160,7 @@ class Report:
         data["compressed"] = self.compressed.to_dict()
         if self.latency_ms is None:
             del data["latency_ms"]
-        if self.latency_unreliable is None:
-            del data["latency_unreliable"]
+        for name in ("latency_unreliable", "latency_budget", "predicted_latency_ratio"):
+            if data[name] is None:
+                del data[name]
         return data

@@ -65,11 +65,15 @@ def device_name(device: torch.device) -> str:
 
 
 def latency(
-    dense: nn.Module, compressed: nn.Module, input_shape: tuple[int, int, int], device: torch.device
+    dense: nn.Module,
+    compressed: nn.Module,
+    input_shape: tuple[int, int, int],
+    device: torch.device,
+    batches: Sequence[int] = LATENCY_BATCHES,
 ) -> dict[str, dict[str, float]]:
-    """Median forward latency (ms) of both models at batch 1 and 64, and the speed-up."""
+    """Median forward latency (ms) of both models at each batch size (1 and 64), and the speed-up."""
     out: dict[str, dict[str, float]] = {}
-    for batch in LATENCY_BATCHES:
+    for batch in batches:
         d = measure_latency(dense, input_shape, batch, device)
         c = measure_latency(compressed, input_shape, batch, device)
         out[f"batch{batch}"] = {"dense": d, "compressed": c, "speedup": d / c if c > 0 else float("nan")}
@@ -90,10 +94,18 @@ def summarize(report: dict[str, Any]) -> str:
     if "latency_ms" in report:
         lat = report["latency_ms"]
         unreliable = report.get("latency_unreliable")
+        measured = ", ".join(
+            f"batch {key[len('batch') :]} {v['dense']:.2f} -> {v['compressed']:.2f} ms"
+            for key, v in sorted(lat.items(), key=lambda item: int(item[0][len("batch") :]))
+        )
         lines.append(
-            f"latency on {report['device']}: batch 1 {lat['batch1']['dense']:.2f} -> {lat['batch1']['compressed']:.2f} ms, "
-            f"batch 64 {lat['batch64']['dense']:.2f} -> {lat['batch64']['compressed']:.2f} ms"
+            f"latency on {report['device']}: {measured}"
             + (f" (unreliable: {unreliable})" if unreliable else "")
+        )
+    if "predicted_latency_ratio" in report:
+        lines.append(
+            f"latency budget {report['latency_budget']:g} of dense: predicted "
+            f"{report['predicted_latency_ratio']:.3f} (from the per-layer table)"
         )
     if "run_dir" in report:
         lines.append(f"run folder: {report['run_dir']}")

@@ -73,9 +73,13 @@ def given_options(argv: Sequence[str] | None) -> dict[str, object]:
     return {k: v for k, v in given.items() if k not in ("resume", "quiet", "dry_run")}
 
 
-def config_from_args(args: argparse.Namespace) -> SearchConfig:
-    """The :class:`SearchConfig` that parsed options describe."""
-    return _config_from_args(SearchConfig, args)
+def config_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -> SearchConfig:
+    """The :class:`SearchConfig` that parsed options describe; with ``--latency`` and no ``--flops`` on
+    the command line ``argv``, the latency budget alone (``--flops 1``)."""
+    config = _config_from_args(SearchConfig, args)
+    if config.latency_budget is not None and "flops" not in given_options(argv):
+        config.flops = 1.0
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,14 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rlrank.dry_run import layer_listing
             from rlrank.preflight import prepare
 
-            print(layer_listing(prepare(config_from_args(args))))  # noqa: T201 - the command's result
+            print(layer_listing(prepare(config_from_args(args, argv))))  # noqa: T201 - the command's result
             return 0
         with logging_redirect_tqdm():
             if args.resume:
                 overrides = given_options(argv)
                 report = run(resume=args.resume, progress=not args.quiet, overrides=overrides)
             else:
-                report = run(config_from_args(args), progress=not args.quiet)
+                report = run(config_from_args(args, argv), progress=not args.quiet)
     except UserError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return EXIT_USAGE

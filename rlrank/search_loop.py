@@ -138,5 +138,6 @@ def _row(
             for p in info["plans"]
         },
         agent_stats=dict(agent_stats),
+        latency_ratio=info.get("latency_ratio"),
         timestamp=time.time(),
     )

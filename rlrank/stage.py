@@ -141,6 +141,8 @@ def run_stage(
         fill_budget=config.fill_budget and not spec.plays_absolute_ratios,
         action_mode="absolute" if spec.plays_absolute_ratios else config.action_space,
         exclude=config.exclude,
+        latency_table=setup.latency_table,
+        latency_budget=config.latency_budget,
     )
     if config.action_center != "uniform" and not spec.plays_absolute_ratios:
         env.set_center(rule_strategy(config.action_center, env, cache, config.min_ratio))

@@ -1,0 +1,242 @@
+"""Per-layer latency tables: what each layer costs in milliseconds, dense and factorized at a grid of
+rank ratios, measured on the run's device at one batch size; the latency budget's price list.
+
+The whole model's latency is modelled as the sum of its layers' plus a fixed rest (normalization,
+activations, pooling, the layers not searched): ``fixed_ms = measured model - sum of its layers``.
+Between grid points a layer's latency is interpolated linearly; each curve is made non-decreasing
+in the ratio (running maximum of the measurements), so that budgets can be bisected. Tables are
+cached per model structure, method, batch size, device, threads and torch version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rlrank.atomic import write_json
+from rlrank.describe import geometry_of
+from rlrank.errors import StorageError
+from rlrank.layers import LayerInfo
+from rlrank.methods import get_method
+from rlrank.modes import preserved_modes
+from rlrank.planning import current_ratio, method_for, plan_layer
+
+logger = logging.getLogger(__name__)
+
+LATENCY_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
+"""Rank ratios at which every layer's factorized form is timed (those below ``min_ratio`` are skipped)."""
+TABLE_FORMAT = "rlrank-latency/1"
+ROUNDS = 25
+"""Timed forward passes of each form of a layer (after a warm-up)."""
+
+
+@dataclass
+class LayerLatency:
+    """One layer's latency: as it is now (``dense_ms``) and factorized at each of ``ratios``.
+
+    Attributes:
+        name: The layer's module name.
+        dense_ms: Milliseconds of the layer as it is now.
+        ratios: The grid of rank ratios, increasing.
+        factorized_ms: Milliseconds of its factorized form at each ratio (non-decreasing).
+    """
+
+    name: str
+    dense_ms: float
+    ratios: list[float]
+    factorized_ms: list[float]
+
+    def factorized(self, ratio: float) -> float:
+        """Milliseconds of the factorized form at ``ratio`` (linear between grid points)."""
+        return float(np.interp(ratio, self.ratios, self.factorized_ms))
+
+    def dense_from(self) -> float | None:
+        """The smallest ratio whose factorized form is no faster than the layer as it is (the layer
+        then stays as it is), or ``None`` when the factorized form is faster at every ratio."""
+        ms = np.asarray(self.factorized_ms)
+        above = np.nonzero(ms >= self.dense_ms)[0]
+        if len(above) == 0:
+            return None
+        j = int(above[0])
+        if j == 0:
+            return self.ratios[0]
+        r0, r1, m0, m1 = self.ratios[j - 1], self.ratios[j], ms[j - 1], ms[j]
+        return float(r0 + (r1 - r0) * (self.dense_ms - m0) / max(m1 - m0, 1e-12))
+
+
+@dataclass
+class LatencyTable:
+    """The latency of a model's searched layers, and of the model, on one device at one batch size.
+
+    Attributes:
+        device: The device measured (``cpu``, ``cuda``).
+        batch: The batch size measured.
+        model_ms: The whole model's measured latency.
+        fixed_ms: What the model costs beyond its searched layers (``model_ms`` minus their sum, at
+            least 0).
+        layers: One :class:`LayerLatency` per searched layer, by name.
+    """
+
+    device: str
+    batch: int
+    model_ms: float
+    fixed_ms: float
+    layers: dict[str, LayerLatency]
+
+    def to_dict(self) -> dict:
+        return {"format": TABLE_FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LatencyTable:
+        layers = {name: LayerLatency(**value) for name, value in data["layers"].items()}
+        return cls(data["device"], data["batch"], data["model_ms"], data["fixed_ms"], layers)
+
+
+def measure_table(
+    model: nn.Module,
+    steps: Sequence[LayerInfo],
+    decomposition: str,
+    input_shape: tuple[int, int, int],
+    batch: int,
+    device: torch.device,
+    min_ratio: float = 0.05,
+    rounds: int = ROUNDS,
+    progress: bool = False,
+) -> LatencyTable:
+    """Time every layer in ``steps`` as it is and factorized at :data:`LATENCY_GRID`, and the model.
+
+    A layer's forms are timed in interleaved rounds (one forward pass of each per round) and each
+    keeps the lower quartile of its times, so that a slow spell of a shared machine lands on all of
+    them alike instead of on one. Weights do not change latency: factorized forms get random factors.
+    """
+    device = torch.device(device)
+    grid = sorted({min_ratio, *[r for r in LATENCY_GRID if r >= min_ratio]})
+    layers: dict[str, LayerLatency] = {}
+    bar = tqdm(steps, desc=f"timing layers (batch {batch})", unit="layer", disable=not progress, leave=False)
+    with torch.no_grad(), preserved_modes(model):
+        model.eval()
+        for layer in bar:
+            module = model.get_submodule(layer.name)
+            shape = (layer.in_channels,) if layer.kind == "linear" else (layer.in_channels, *layer.in_hw)
+            method = method_for(layer, decomposition)
+            forms = [module]
+            for ratio in grid:
+                ranks = plan_layer(layer, ratio, decomposition, allow_dense=False).ranks
+                factorized = get_method(method).build_module(geometry_of(module), ranks).to(device).eval()
+                for param in factorized.parameters():  # uninitialized memory may hold slow denormals
+                    nn.init.normal_(param, std=0.05)
+                forms.append(factorized)
+            dense_ms, *times = time_interleaved(forms, torch.randn((batch, *shape), device=device), rounds)
+            layers[layer.name] = LayerLatency(
+                layer.name, dense_ms, grid, np.maximum.accumulate(times).tolist()
+            )
+        (model_ms,) = time_interleaved([model], torch.randn((batch, *input_shape), device=device), rounds)
+    fixed = max(0.0, model_ms - sum(entry.dense_ms for entry in layers.values()))
+    return LatencyTable(device.type, batch, model_ms, fixed, layers)
+
+
+def time_interleaved(
+    modules: Sequence[nn.Module], x: torch.Tensor, rounds: int, warmup: int = 3
+) -> list[float]:
+    """Lower-quartile milliseconds of one forward pass of each module on ``x``, timed in rounds that
+    run every module once."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    times = [[] for _ in modules]
+    for round_ in range(warmup + rounds):
+        for module, kept in zip(modules, times, strict=True):
+            sync()
+            start = time.perf_counter()
+            module(x)
+            sync()
+            if round_ >= warmup:
+                kept.append((time.perf_counter() - start) * 1000.0)
+    return [float(np.percentile(kept, 25)) for kept in times]
+
+
+def table_key(
+    steps: Sequence[LayerInfo],
+    decomposition: str,
+    input_shape: tuple[int, ...],
+    batch: int,
+    device: torch.device,
+) -> str:
+    """What a cached table depends on: the layers' geometry and current ranks, the method, the input,
+    the batch, the device (and its name), torch's version and thread count."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    parts = [
+        [
+            (s.name, s.kind, s.in_channels, s.out_channels, s.kernel, s.stride, s.in_hw, s.ranks)
+            for s in steps
+        ],
+        decomposition,
+        list(input_shape),
+        batch,
+        name,
+        torch.__version__,
+        torch.get_num_threads(),
+        LATENCY_GRID,
+    ]
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def latency_table(
+    model: nn.Module,
+    steps: Sequence[LayerInfo],
+    decomposition: str,
+    input_shape: tuple[int, int, int],
+    batch: int,
+    device: torch.device,
+    cache_dir: Path,
+    min_ratio: float = 0.05,
+    progress: bool = False,
+) -> LatencyTable:
+    """The model's latency table from ``cache_dir`` when measured before, else measured and cached."""
+    path = Path(cache_dir) / "latency" / f"{table_key(steps, decomposition, input_shape, batch, device)}.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if (
+                data.get("format") == TABLE_FORMAT
+                and min(next(iter(data["layers"].values()))["ratios"]) <= min_ratio
+            ):
+                logger.info("latency table from the cache %s", path)
+                return LatencyTable.from_dict(data)
+        except (OSError, ValueError, KeyError, TypeError, StopIteration) as exc:
+            logger.warning("ignoring the damaged latency table %s (%s)", path, exc)
+    logger.info(
+        "timing %d layers at %d rank ratios (batch %d, %s), once per model and device",
+        len(steps),
+        len(LATENCY_GRID),
+        batch,
+        device,
+    )
+    table = measure_table(
+        model, steps, decomposition, input_shape, batch, device, min_ratio, progress=progress
+    )
+    try:
+        write_json(path, table.to_dict())
+    except StorageError as exc:
+        logger.warning("could not cache the latency table: %s", exc)
+    return table
+
+
+def predicted_latency_ratio(table: LatencyTable, layers: Sequence[LayerInfo]) -> float:
+    """A model's latency as a fraction of the dense model's, predicted from ``table``: each of its
+    layers in the table at its current ranks (dense or factorized), plus the fixed rest."""
+    spent = 0.0
+    for layer in layers:
+        entry = table.layers.get(layer.name)
+        if entry is not None:
+            spent += entry.dense_ms if layer.method is None else entry.factorized(current_ratio(layer))
+    return (table.fixed_ms + spent) / table.model_ms
