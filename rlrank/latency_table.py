@@ -10,10 +10,10 @@ cached per model structure, method, batch size, device, threads and torch versio
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,16 +26,18 @@ from tqdm.auto import tqdm
 from rlrank.atomic import write_json
 from rlrank.describe import geometry_of
 from rlrank.errors import StorageError
+from rlrank.inference import ChannelsLast, faster_layout, groupings, is_chain
 from rlrank.layers import LayerInfo
 from rlrank.methods import get_method
 from rlrank.modes import preserved_modes
 from rlrank.planning import current_ratio, method_for, plan_layer
+from rlrank.timing import time_interleaved
 
 logger = logging.getLogger(__name__)
 
 LATENCY_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
 """Rank ratios at which every layer's factorized form is timed (those below ``min_ratio`` are skipped)."""
-TABLE_FORMAT = "rlrank-latency/1"
+TABLE_FORMAT = "rlrank-latency/3"
 ROUNDS = 25
 """Timed forward passes of each form of a layer (after a warm-up)."""
 
@@ -85,6 +87,8 @@ class LatencyTable:
         fixed_ms: What the model costs beyond its searched layers (``model_ms`` minus their sum, at
             least 0).
         layers: One :class:`LayerLatency` per searched layer, by name.
+        channels_last: Whether everything was timed in ``channels_last`` layout (the model's faster
+            one at this batch size and device, measured).
     """
 
     device: str
@@ -92,6 +96,7 @@ class LatencyTable:
     model_ms: float
     fixed_ms: float
     layers: dict[str, LayerLatency]
+    channels_last: bool = False
 
     def to_dict(self) -> dict:
         return {"format": TABLE_FORMAT, **asdict(self)}
@@ -99,7 +104,9 @@ class LatencyTable:
     @classmethod
     def from_dict(cls, data: dict) -> LatencyTable:
         layers = {name: LayerLatency(**value) for name, value in data["layers"].items()}
-        return cls(data["device"], data["batch"], data["model_ms"], data["fixed_ms"], layers)
+        return cls(
+            data["device"], data["batch"], data["model_ms"], data["fixed_ms"], layers, data["channels_last"]
+        )
 
 
 def measure_table(
@@ -113,7 +120,8 @@ def measure_table(
     rounds: int = ROUNDS,
     progress: bool = False,
 ) -> LatencyTable:
-    """Time every layer in ``steps`` as it is and factorized at :data:`LATENCY_GRID`, and the model.
+    """Time every layer in ``steps`` as it is and factorized at :data:`LATENCY_GRID` (each ratio in
+    its fastest grouping of factors, :func:`rlrank.inference.groupings`), and the model.
 
     A layer's forms are timed in interleaved rounds (one forward pass of each per round) and each
     keeps the lower quartile of its times, so that a slow spell of a shared machine lands on all of
@@ -125,42 +133,34 @@ def measure_table(
     bar = tqdm(steps, desc=f"timing layers (batch {batch})", unit="layer", disable=not progress, leave=False)
     with torch.no_grad(), preserved_modes(model):
         model.eval()
+        x = torch.randn((batch, *input_shape), device=device)
+        runner = faster_layout(model, x, rounds)  # the layout the model runs fastest in
+        channels_last = isinstance(runner, ChannelsLast)
         for layer in bar:
             module = model.get_submodule(layer.name)
             shape = (layer.in_channels,) if layer.kind == "linear" else (layer.in_channels, *layer.in_hw)
             method = method_for(layer, decomposition)
-            forms = [module]
-            for ratio in grid:
+            forms, owners = [module], [-1]
+            for index, ratio in enumerate(grid):
                 ranks = plan_layer(layer, ratio, decomposition, allow_dense=False).ranks
                 factorized = get_method(method).build_module(geometry_of(module), ranks).to(device).eval()
                 for param in factorized.parameters():  # uninitialized memory may hold slow denormals
                     nn.init.normal_(param, std=0.05)
-                forms.append(factorized)
-            dense_ms, *times = time_interleaved(forms, torch.randn((batch, *shape), device=device), rounds)
+                grouped = groupings(factorized) if is_chain(factorized) else [factorized]
+                forms += grouped
+                owners += [index] * len(grouped)
+            if channels_last and layer.kind != "linear":
+                forms = [ChannelsLast(copy.deepcopy(form)) for form in forms]
+            times = time_interleaved(forms, torch.randn((batch, *shape), device=device), rounds)
+            fastest = [
+                min(t for t, owner in zip(times, owners, strict=True) if owner == i) for i in range(len(grid))
+            ]
             layers[layer.name] = LayerLatency(
-                layer.name, dense_ms, grid, np.maximum.accumulate(times).tolist()
+                layer.name, times[0], grid, np.maximum.accumulate(fastest).tolist()
             )
-        (model_ms,) = time_interleaved([model], torch.randn((batch, *input_shape), device=device), rounds)
+        (model_ms,) = time_interleaved([runner], x, rounds)
     fixed = max(0.0, model_ms - sum(entry.dense_ms for entry in layers.values()))
-    return LatencyTable(device.type, batch, model_ms, fixed, layers)
-
-
-def time_interleaved(
-    modules: Sequence[nn.Module], x: torch.Tensor, rounds: int, warmup: int = 3
-) -> list[float]:
-    """Lower-quartile milliseconds of one forward pass of each module on ``x``, timed in rounds that
-    run every module once."""
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    times = [[] for _ in modules]
-    for round_ in range(warmup + rounds):
-        for module, kept in zip(modules, times, strict=True):
-            sync()
-            start = time.perf_counter()
-            module(x)
-            sync()
-            if round_ >= warmup:
-                kept.append((time.perf_counter() - start) * 1000.0)
-    return [float(np.percentile(kept, 25)) for kept in times]
+    return LatencyTable(device.type, batch, model_ms, fixed, layers, channels_last)
 
 
 def table_key(

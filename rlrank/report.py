@@ -11,9 +11,11 @@ from torch import nn
 from rlrank.config import SearchConfig
 from rlrank.data import DataSplits
 from rlrank.dense import DenseBaseline
-from rlrank.finetune import evaluate, measure_latency
+from rlrank.finetune import evaluate
 from rlrank.flops import ModelCost, count_model
+from rlrank.modes import preserved_modes
 from rlrank.records import ModelSummary, Report
+from rlrank.timing import time_interleaved
 
 LATENCY_BATCHES = (1, 64)
 
@@ -70,13 +72,33 @@ def latency(
     input_shape: tuple[int, int, int],
     device: torch.device,
     batches: Sequence[int] = LATENCY_BATCHES,
+    rounds: int = 20,
 ) -> dict[str, dict[str, float]]:
-    """Median forward latency (ms) of both models at each batch size (1 and 64), and the speed-up."""
+    """Forward latency (ms) of both models at each batch size (1 and 64) as they are and in their
+    fastest inference forms (:func:`rlrank.inference.fastest_form`: BatchNorm folded, factors
+    grouped, memory layout as measured fastest), timed in interleaved rounds (lower quartile,
+    :func:`rlrank.timing.time_interleaved`), and the speed-ups."""
+    from rlrank.inference import fastest_form
+
     out: dict[str, dict[str, float]] = {}
-    for batch in batches:
-        d = measure_latency(dense, input_shape, batch, device)
-        c = measure_latency(compressed, input_shape, batch, device)
-        out[f"batch{batch}"] = {"dense": d, "compressed": c, "speedup": d / c if c > 0 else float("nan")}
+    with preserved_modes(dense), preserved_modes(compressed):
+        dense.eval()
+        compressed.eval()
+        for batch in batches:
+            x = torch.randn((batch, *input_shape), device=device)
+            fast = [
+                fastest_form(m, input_shape, batch, device, rounds=max(3, rounds // 2))
+                for m in (dense, compressed)
+            ]
+            d, c, df, cf = time_interleaved([dense, compressed, *fast], x, rounds)
+            out[f"batch{batch}"] = {
+                "dense": d,
+                "compressed": c,
+                "speedup": d / c if c > 0 else float("nan"),
+                "dense_fast": df,
+                "compressed_fast": cf,
+                "speedup_fast": df / cf if cf > 0 else float("nan"),
+            }
     return out
 
 
@@ -96,6 +118,7 @@ def summarize(report: dict[str, Any]) -> str:
         unreliable = report.get("latency_unreliable")
         measured = ", ".join(
             f"batch {key[len('batch') :]} {v['dense']:.2f} -> {v['compressed']:.2f} ms"
+            + (f" ({v['dense_fast']:.2f} -> {v['compressed_fast']:.2f} fused)" if "dense_fast" in v else "")
             for key, v in sorted(lat.items(), key=lambda item: int(item[0][len("batch") :]))
         )
         lines.append(

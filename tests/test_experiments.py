@@ -337,3 +337,17 @@ def test_bench_data(
     assert table["pass images"].tolist() == ["40"] * 4
     assert all(float(x.replace(",", "")) > 0 for x in table["images/s"])
     assert (tmp_path / "cache-synthetic" / "decoded").is_dir()  # the cold run cached what it decoded
+
+
+def test_bench_latency(
+    script: Callable[[str], ModuleType], tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--dataset", "digits", "--models", "tiny", "--episodes", "2", "--final-epochs", "0.1"]
+    argv += [*TINY_SEARCH, "--latency-targets", "1.0", "--rounds", "2", "--out", str(tmp_path), "--no-append"]
+    assert script("bench_latency").main(argv) == 0
+    section = _section(capsys.readouterr().out, "Latency vs FLOPs (tiny, digits)")
+    (table,) = _tables(section)
+    assert table["search"].tolist() == ["--flops 0.5", "--flops 0.5 --latency 1.0", "--latency 1.0"]
+    measured = table[table["note"].isna() | (table["note"] == "")]
+    assert {"--flops 0.5", "--latency 1.0"} <= set(measured["search"])  # always reachable
+    assert all(float(x) > 0 for x in measured["b64 speed-up fast"])

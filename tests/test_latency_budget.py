@@ -147,7 +147,7 @@ def test_the_table_is_measured_once_then_cached(tmp_path, monkeypatch):
     for entry in table.layers.values():
         assert entry.ratios[0] == 0.1 and np.all(np.diff(entry.factorized_ms) >= 0)
     (cached,) = (tmp_path / "latency").glob("*.json")
-    assert json.loads(cached.read_text())["format"] == "rlrank-latency/1"
+    assert json.loads(cached.read_text())["format"] == "rlrank-latency/3"
 
     def no_timing(*a, **k):
         raise AssertionError("timed again although the table is cached")

@@ -1,0 +1,192 @@
+"""Benchmark: does latency follow the FLOPs? A FLOP-budget search against latency-aware searches.
+
+For each ``--models`` (pretrained CIFAR ResNets on ``../shared`` CIFAR-10): the same Tucker-2 DDPG
+search with ``--flops F`` alone, with ``--flops F --latency 1`` (the FLOP budget, and no layer left
+slower than dense where the FLOP budget allows) and with ``--latency L`` alone (``--latency-targets``,
+each a fraction of the dense model's measured latency; a target below what Tucker-2 can reach on
+this device is reported as such, not run). Every compressed model is then timed again here against
+its dense model in interleaved rounds at batch 1 and 64 (lower quartile of ``--rounds`` passes),
+as the search left it and in its fastest inference form (:func:`rlrank.inference.fastest_form`:
+BatchNorm folded, each layer's factor convolutions grouped as measured fastest). One table per
+model: FLOP speed-up, measured speed-ups, their ratio at batch 64 (the issue's goal: at least 0.8),
+test accuracy. Appended to ``experiments/RESULTS.md``.
+
+Run from the repository root::
+
+    python experiments/bench_latency.py
+    python experiments/bench_latency.py --dataset digits --models tiny --episodes 2 \
+        --final-epochs 0.1 --latency-targets 1.0 --rounds 3 --no-append   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import recording
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet20"], help="(default: %(default)s)")
+    p.add_argument("--flops", type=float, default=0.5, help="FLOP budget (default: %(default)s)")
+    p.add_argument(
+        "--latency-targets",
+        type=float,
+        nargs="+",
+        default=[0.9],
+        help="latency budgets of the latency-only searches (default: %(default)s)",
+    )
+    p.add_argument("--episodes", type=int, default=40, help="(default: %(default)s)")
+    p.add_argument("--final-epochs", type=float, default=1.0, help="(default: %(default)s)")
+    p.add_argument(
+        "--rounds", type=int, default=30, help="timed passes per model and batch (default: %(default)s)"
+    )
+    recording.add_cifar_options(p, out="bench-runs/latency")
+    return p.parse_args(argv)
+
+
+def searches(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Run name suffix -> the budget options of that search."""
+    runs = {
+        f"flops{args.flops:g}": ["--flops", str(args.flops)],
+        f"flops{args.flops:g}-latency1": ["--flops", str(args.flops), "--latency", "1.0"],
+    }
+    for target in args.latency_targets:
+        runs[f"latency{target:g}"] = ["--latency", str(target)]
+    return runs
+
+
+def time_models(run: recording.SearchRun, rounds: int) -> dict[str, float]:
+    """Dense and compressed latency (ms) at batch 1 and 64, raw and in the fastest inference form."""
+    import torch
+
+    import rlrank
+    from rlrank.inference import fastest_form
+    from rlrank.timing import time_interleaved
+
+    dense = _dense_of(run)
+    compressed = rlrank.load(run.run_dir / "model.pt")
+    shape = _input_shape(run)
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for batch in (1, 64):
+            x = torch.randn((batch, *shape))
+            fast_dense = fastest_form(dense, shape, batch)
+            fast_compressed = fastest_form(compressed, shape, batch)
+            times = time_interleaved([dense, compressed, fast_dense, fast_compressed], x, rounds)
+            out.update(
+                {
+                    f"b{batch} dense": times[0],
+                    f"b{batch} compressed": times[1],
+                    f"b{batch} dense fast": times[2],
+                    f"b{batch} compressed fast": times[3],
+                }
+            )
+    return out
+
+
+def _input_shape(run: recording.SearchRun) -> tuple[int, int, int]:
+    from rlrank.safe_load import read_tensors
+
+    arch = read_tensors(run.run_dir / "model.pt", "model file", ValueError)["arch"]
+    return (arch["in_channels"], arch["input_size"], arch["input_size"])
+
+
+def _dense_of(run: recording.SearchRun):
+    """The dense model the run started from (its checkpoint, or the one it trained)."""
+    from rlrank.models import ModelSpec, build_model, load_checkpoint
+    from rlrank.safe_load import read_tensors
+
+    arch = read_tensors(run.run_dir / "model.pt", "model file", ValueError)["arch"]
+    model = build_model(ModelSpec.from_dict(arch))
+    config = run.config
+    if config.get("checkpoint"):
+        load_checkpoint(model, config["checkpoint"])
+        return model.eval()
+    import rlrank
+
+    return rlrank.load(run.dense_model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    session = recording.Session(argv)
+    warmup = max(1, args.episodes // 4)
+    sections = []
+    for model in args.models:
+        args.model = model
+        base = [
+            *recording.cifar_run_args(args),
+            "--episodes", str(args.episodes),
+            "--warmup", str(warmup),
+            "--final-epochs", str(args.final_epochs),
+        ]  # fmt: skip
+        rows = []
+        for suffix, budget in searches(args).items():
+            name = f"{model}-{suffix}-seed{args.seed}"
+            try:
+                run = recording.run_search(name, [*base, *budget], args.out)
+            except RuntimeError as exc:
+                log = Path(args.out) / f"{name}.log"
+                reason = log.read_text().strip().splitlines()[-1] if log.is_file() else str(exc)
+                rows.append({"search": " ".join(budget), "note": reason[-160:]})
+                continue
+            rows.append(row_of(run, budget, time_models(run, args.rounds)))
+        sections.append((model, pd.DataFrame(rows)))
+    lines = [
+        *session.header(
+            f"Latency vs FLOPs ({', '.join(args.models)}, {recording.DATASETS[args.dataset]})", "cpu"
+        ),
+        f"- every search: Tucker-2, DDPG, {args.episodes} episodes ({warmup} warm-up), {args.finetune_steps} "
+        f"SGD steps per reward, final fine-tune {args.final_epochs:g} epoch(s), seed {args.seed}; latency "
+        f"re-timed here in interleaved rounds (lower quartile of {args.rounds} passes); 'fast' = "
+        "`rlrank.inference.fastest_form` (BN folded, factor convolutions grouped as measured fastest)",
+    ]
+    for model, frame in sections:
+        lines += ["", f"**{model}**", "", recording.markdown(frame, FORMATS)]
+    recording.publish("\n".join(lines) + "\n", append=not args.no_append)
+    return 0
+
+
+FORMATS = {
+    "FLOP ratio": ".3f",
+    "FLOP speed-up": ".2f",
+    "predicted latency": ".3f",
+    "b1 speed-up": ".2f",
+    "b64 speed-up": ".2f",
+    "b1 speed-up fast": ".2f",
+    "b64 speed-up fast": ".2f",
+    "b64 measured / FLOP speed-up (fast)": ".2f",
+    "test acc": ".4f",
+    "Δ test": "+.4f",
+    "run wall s": ".0f",
+}
+
+
+def row_of(run: recording.SearchRun, budget: list[str], times: dict[str, float]) -> dict:
+    report = run.report
+    flops = report["compressed"]["flops_ratio"]
+    row = {
+        "search": " ".join(budget),
+        "FLOP ratio": flops,
+        "FLOP speed-up": 1 / flops,
+        "predicted latency": report.get("predicted_latency_ratio", float("nan")),
+    }
+    for batch in (1, 64):
+        row[f"b{batch} speed-up"] = times[f"b{batch} dense"] / times[f"b{batch} compressed"]
+        row[f"b{batch} speed-up fast"] = times[f"b{batch} dense fast"] / times[f"b{batch} compressed fast"]
+    row["b64 measured / FLOP speed-up (fast)"] = row["b64 speed-up fast"] / row["FLOP speed-up"]
+    row["b64 ms dense → compressed (fast)"] = (
+        f"{times['b64 dense fast']:.1f} → {times['b64 compressed fast']:.1f}"
+    )
+    row["test acc"] = report["compressed"]["test_accuracy"]
+    row["Δ test"] = report["test_accuracy_delta"]
+    row["run wall s"] = run.wall_s
+    row["note"] = ""
+    return row
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
