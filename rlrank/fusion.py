@@ -37,7 +37,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from rlrank.methods.base import FactorizedLayer
+from rlrank.methods.base import FactorizedLayer, replace_module
 from rlrank.methods.tensor_network import SharedConv, TensorNetworkConv
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,8 @@ def fuse_model(model: nn.Module) -> FusionResult:
     for conv_name, bn_name in pairs:
         conv = fused_model.get_submodule(conv_name)
         bn = fused_model.get_submodule(bn_name)
-        _replace(fused_model, conv_name, fuse_conv_bn_eval(_plain_conv(conv), bn))
-        _replace(fused_model, bn_name, nn.Identity())
+        replace_module(fused_model, conv_name, fuse_conv_bn_eval(_plain_conv(conv), bn))
+        replace_module(fused_model, bn_name, nn.Identity())
     left = [n for n, m in fused_model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     log.info(
         "folded %d BatchNorm layer(s) into convolutions%s",
@@ -200,10 +200,3 @@ def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
         if conv.bias is not None:
             plain.bias.copy_(conv.bias)
     return plain.eval()
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at dotted path ``name`` in ``model``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

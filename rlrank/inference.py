@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from rlrank.methods.base import replace_module
 from rlrank.timing import time_interleaved
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def fastest_form(
             continue
         best, _ = fastest_grouping(chain, inputs[name], rounds)
         if best is not chain:
-            _replace(fast, name, best)
+            replace_module(fast, name, best)
             changed += 1
     logger.info(
         "fastest inference form at batch %d: %d of %d factorized layers regrouped",
@@ -206,9 +207,3 @@ def faster_layout(model: nn.Module, x: torch.Tensor, rounds: int = ROUNDS) -> nn
         plain, last = time_interleaved([model, candidate], x, rounds)
     logger.info("contiguous %.2f ms, channels_last %.2f ms at batch %d", plain, last, x.shape[0])
     return candidate if last < plain else model
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
