@@ -31,6 +31,7 @@ from rlrank.planning import (
     max_ratio_within,
     min_ratio_reaching,
     plan_layer,
+    searched_layers,
 )
 
 if TYPE_CHECKING:
@@ -211,11 +212,7 @@ class RankSearchEnv(gym.Env):
         self.allow_dense = allow_dense
         self.fill_budget = fill_budget
         self.exclude = list(exclude or [])
-        self.steps = [
-            layer
-            for layer in self.layers
-            if is_compressible(layer, self.decomposition) and not is_excluded(layer.name, self.exclude)
-        ]
+        self.steps = searched_layers(self.layers, self.decomposition, self.exclude)
         if not self.steps:
             raise ValueError("the model has no compressible layer")
         step_names = {layer.name for layer in self.steps}

@@ -27,6 +27,7 @@ __all__ = [
     "full_ranks",
     "is_compressible",
     "is_excluded",
+    "searched_layers",
     "list_methods",
     "max_ratio_within",
     "method_for",
@@ -89,6 +90,17 @@ def full_ranks(layer: LayerInfo, method: str) -> tuple[int, ...]:
 def is_excluded(name: str, exclude: Sequence[str] | None) -> bool:
     """Whether layer ``name`` matches one of the ``--exclude`` shell-style globs (``layer1.*``)."""
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude or ())
+
+
+def searched_layers(
+    layers: Sequence[LayerInfo], decomposition: str, exclude: Sequence[str] | None = None
+) -> list[LayerInfo]:
+    """The layers a search chooses ranks for: compressible by ``decomposition`` and not excluded."""
+    return [
+        layer
+        for layer in layers
+        if is_compressible(layer, decomposition) and not is_excluded(layer.name, exclude)
+    ]
 
 
 def current_macs(layer: LayerInfo) -> int:

@@ -42,7 +42,7 @@ from rlrank.latency_table import LatencyTable, latency_table
 from rlrank.layers import LayerInfo
 from rlrank.models import ModelSpec, build_model, load_checkpoint
 from rlrank.options import SEED_MAX
-from rlrank.planning import check_decomposition, is_compressible, is_excluded
+from rlrank.planning import check_decomposition, is_excluded, searched_layers
 from rlrank.threads import configure_threads, warn_if_busy
 
 logger = logging.getLogger(__name__)
@@ -230,11 +230,7 @@ def check_latency_budget(
     Raises:
         LatencyBudgetError: The budget is below the latency with every searched layer at its fastest.
     """
-    steps = [
-        layer
-        for layer in layers
-        if is_compressible(layer, config.decomposition) and not is_excluded(layer.name, config.exclude)
-    ]
+    steps = searched_layers(layers, config.decomposition, config.exclude)
     table = latency_table(
         model,
         steps,
@@ -273,11 +269,7 @@ def check_exclude(config: SearchConfig, layers: list[LayerInfo]) -> None:
             raise ConfigError(
                 f"--exclude {pattern!r} matches no layer of {config.model} ({shown}; --dry-run lists them all)"
             )
-    left = [
-        layer
-        for layer in layers
-        if is_compressible(layer, config.decomposition) and not is_excluded(layer.name, config.exclude)
-    ]
+    left = searched_layers(layers, config.decomposition, config.exclude)
     if not left:
         raise ConfigError(f"--exclude leaves no compressible layer of {config.model} to search")
 

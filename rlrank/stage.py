@@ -38,7 +38,7 @@ from rlrank.finetune import (
     train_epochs,
 )
 from rlrank.model_file import load, save
-from rlrank.planning import LayerPlan, is_compressible, is_excluded
+from rlrank.planning import LayerPlan, searched_layers
 from rlrank.preflight import Setup
 from rlrank.records import TIMING_KEYS, EpisodeRow, StageResult
 from rlrank.reward import RewardEvaluator
@@ -98,11 +98,7 @@ def run_stage(
 
     logger.info("stage %d: searching ranks for %.3f of the dense FLOPs", k, budget)
     layers = describe_layers(model, setup.input_shape)
-    steps = [
-        layer
-        for layer in layers
-        if is_compressible(layer, config.decomposition) and not is_excluded(layer.name, config.exclude)
-    ]
+    steps = searched_layers(layers, config.decomposition, config.exclude)
     covariances = None
     if config.data_aware:  # fit output factors to the layers' responses on training images
         generator = torch.Generator().manual_seed(config.seed + 31 * k)
