@@ -93,8 +93,7 @@ class LatencyBudget:
 
     def ratio_of(self, plans: Sequence[LayerPlan]) -> float:
         """Predicted latency of a full strategy, as a fraction of the dense model's."""
-        spent = sum(self.cost(i, plan) for i, plan in enumerate(plans))
-        return (self.table.fixed_ms + spent) / self.table.model_ms
+        return (self.table.fixed_ms + self.spent(plans)) / self.table.model_ms
 
     def spent(self, plans: Sequence[LayerPlan]) -> float:
         """Milliseconds of the steps planned so far."""

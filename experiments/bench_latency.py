@@ -88,26 +88,24 @@ def time_models(run: recording.SearchRun, rounds: int) -> dict[str, float]:
 
 
 def _input_shape(run: recording.SearchRun) -> tuple[int, int, int]:
-    from rlrank.safe_load import read_tensors
+    from rlrank.model_file import load_metadata
 
-    arch = read_tensors(run.run_dir / "model.pt", "model file", ValueError)["arch"]
+    arch = load_metadata(run.run_dir / "model.pt")["arch"]
     return (arch["in_channels"], arch["input_size"], arch["input_size"])
 
 
 def _dense_of(run: recording.SearchRun):
     """The dense model the run started from (its checkpoint, or the one it trained)."""
-    from rlrank.models import ModelSpec, build_model, load_checkpoint
-    from rlrank.safe_load import read_tensors
-
-    arch = read_tensors(run.run_dir / "model.pt", "model file", ValueError)["arch"]
-    model = build_model(ModelSpec.from_dict(arch))
-    config = run.config
-    if config.get("checkpoint"):
-        load_checkpoint(model, config["checkpoint"])
-        return model.eval()
     import rlrank
+    from rlrank.model_file import load_metadata
+    from rlrank.models import ModelSpec, build_model, load_checkpoint
 
-    return rlrank.load(run.dense_model)
+    checkpoint = run.config.get("checkpoint")
+    if not checkpoint:
+        return rlrank.load(run.dense_model)
+    model = build_model(ModelSpec.from_dict(load_metadata(run.run_dir / "model.pt")["arch"]))
+    load_checkpoint(model, checkpoint)
+    return model.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
