@@ -5,8 +5,13 @@ compressed. The search loop calls, per episode::
 
     agent.begin_episode(episode)
     action = agent.act(obs)            # once per layer
-    stats = agent.end_episode(transitions, reward)
+    stats = agent.end_episode(transitions, reward, episode)
     row.phase = agent.phase(episode)
+
+With several episodes in flight (``--workers``) later episodes begin before earlier ones end:
+``begin_episode`` / ``act`` of episode ``e + 1`` may come before ``end_episode`` of episode ``e``,
+so ``end_episode`` is told which episode it ends; ``end_episode`` calls still come in episode
+order.
 
 and, around the episodes, :meth:`Agent.save` / :meth:`Agent.restore` (a learned policy and what a
 resume needs beyond :meth:`Agent.state_dict`) and :meth:`Agent.greedy` (the deterministic roll-out of
@@ -56,8 +61,8 @@ class Agent(ABC):
     def act(self, obs: np.ndarray) -> np.ndarray:
         """The action (shape ``(1,)``, in [-1, 1]) for the current layer."""
 
-    def end_episode(self, transitions: Sequence[Transition], reward: float) -> dict[str, float]:
-        """Learn from a finished episode; returns statistics worth logging (may be empty)."""
+    def end_episode(self, transitions: Sequence[Transition], reward: float, episode: int) -> dict[str, float]:
+        """Learn from finished episode ``episode``; returns statistics worth logging (may be empty)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -269,7 +269,7 @@ class DDPGAgent(Agent):
             action = truncated_normal(self.rng, self.policy_action(obs), self.noise_std(), -1.0, 1.0)
         return np.array([action], dtype=np.float32)
 
-    def end_episode(self, transitions: Sequence[Transition], reward: float) -> dict[str, float]:
+    def end_episode(self, transitions: Sequence[Transition], reward: float, episode: int) -> dict[str, float]:
         copy = self.config.credit == "copy"
         last = len(transitions) - 1
         for t, tr in enumerate(transitions):
@@ -294,7 +294,7 @@ class DDPGAgent(Agent):
             )
             self.buffer.reward_offset = self.baseline
             stats["baseline"] = self.baseline
-        if self.episode >= self.config.warmup and filled > 0:  # sampling is with replacement
+        if episode >= self.config.warmup and filled > 0:  # sampling is with replacement
             self.model.train(
                 gradient_steps=len(transitions) * self.config.updates_per_step,
                 batch_size=self.config.batch_size,
@@ -304,8 +304,8 @@ class DDPGAgent(Agent):
             for key in ("train/critic_loss", "train/actor_loss"):
                 if key in values:
                     stats[key.split("/")[1]] = float(values[key])
-        if self.episode >= self.config.warmup:
-            stats["noise_std"] = self.noise_std()
+        if episode >= self.config.warmup:
+            stats["noise_std"] = self.noise_std(episode)
         return stats
 
     # ------------------------------------------------------------------ persistence

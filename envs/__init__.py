@@ -7,14 +7,8 @@ Importing this package registers ``rlrank/RankSearch-v0``::
 
 import gymnasium as gym
 
-from rlrank.envs.rank_search import (
-    REWARDS,
-    BudgetError,
-    Evaluation,
-    Evaluator,
-    RankSearchEnv,
-    smallest_budget,
-)
+from rlrank.envs.evaluation import Evaluation, Evaluator
+from rlrank.envs.rank_search import REWARDS, BudgetError, RankSearchEnv, smallest_budget
 from rlrank.envs.spaces import (
     ACTION_MODES,
     OBSERVATION_FEATURES,

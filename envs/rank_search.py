@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 
+from rlrank.envs.evaluation import Evaluation, Evaluator
 from rlrank.envs.latency_budget import LatencyBudget, fallback_ratios
 from rlrank.envs.spaces import (
     ACTION_MODES,
@@ -56,26 +56,6 @@ class BudgetError(UserError):
         )
         self.budget = budget
         self.smallest = smallest
-
-
-@dataclass
-class Evaluation:
-    """What an evaluator reports for one strategy.
-
-    Attributes:
-        accuracy: Validation accuracy in [0, 1] after the cheap fine-tune.
-        loss: Validation loss.
-        failed: Why the evaluation failed (non-finite loss, ...), or ``None``.
-        timings: Seconds spent per phase (``decompose``, ``finetune``, ``evaluate``).
-    """
-
-    accuracy: float
-    loss: float = float("nan")
-    failed: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-Evaluator = Callable[[list[LayerPlan]], Evaluation]
 
 
 def smallest_budget(
@@ -158,7 +138,10 @@ class RankSearchEnv(gym.Env):
     * ``layers``: every conv / linear layer of the model (:func:`rlrank.describe.describe_layers`);
       those that no rank makes cheaper (grouped convs) are fixed costs, not steps.
     * ``evaluator``: callable pricing a strategy (a list of :class:`LayerPlan`), returning an
-      :class:`Evaluation`; tests inject a stub.
+      :class:`Evaluation`; tests inject a stub. ``None``: the caller prices strategies itself (the
+      search loop, which may evaluate several episodes at once on Ray workers): the last step then
+      returns reward 0 and ``info`` holds ``plans``, ``budget`` and ``pending=True``, and
+      :meth:`outcome` turns the evaluation into the reward and the rest of ``info``.
     * ``budget``: fraction of the dense model's MACs to keep at most.
     * ``budgets``: several targets, cycled per episode (training one policy for many budgets).
     * ``decomposition``: ``tucker2``, ``svd`` or ``cp`` for k x k convolutions.
@@ -182,7 +165,7 @@ class RankSearchEnv(gym.Env):
     def __init__(
         self,
         layers: Sequence[LayerInfo],
-        evaluator: Evaluator,
+        evaluator: Evaluator | None,
         budget: float = 0.5,
         budgets: Sequence[float] | None = None,
         decomposition: str = "tucker2",
@@ -377,6 +360,44 @@ class RankSearchEnv(gym.Env):
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return float(np.clip(lo * center[0], self._low[index], self._upper[index]))
 
+    def outcome(
+        self, plans: Sequence[LayerPlan], evaluation: Evaluation, budget: float
+    ) -> tuple[float, dict[str, Any]]:
+        """The reward of a priced strategy and what the last step's ``info`` reports of it.
+
+        Args:
+            plans: The episode's strategy (one plan per step).
+            evaluation: What the evaluator reported for it.
+            budget: The episode's target budget.
+
+        Returns:
+            The reward, and ``info``'s entries ``plans``, ``ratios``, ``ranks``, ``flops_ratio``,
+            ``params_ratio``, ``budget``, ``accuracy``, ``loss``, ``failed``, ``timings`` (and
+            ``latency_ratio`` with a latency budget).
+        """
+        plans = list(plans)
+        flops = self.flops_ratio(plans)
+        accuracy = 0.0 if evaluation.failed else float(evaluation.accuracy)
+        if self.reward_kind == "acc":
+            reward = accuracy
+        else:
+            reward = -(1.0 - accuracy) * math.log(flops * self.dense_macs)
+        info: dict[str, Any] = dict(
+            plans=plans,
+            ratios={p.name: p.ratio for p in plans},
+            ranks={p.name: list(p.ranks) if p.ranks else None for p in plans},
+            flops_ratio=flops,
+            params_ratio=self.params_ratio(plans),
+            budget=float(budget),
+            accuracy=accuracy,
+            loss=evaluation.loss,
+            failed=evaluation.failed,
+            timings=dict(evaluation.timings),
+        )
+        if self.latency is not None:
+            info["latency_ratio"] = self.latency.ratio_of(plans)
+        return float(reward), info
+
     # ---------------------------------------------------------------- observations
 
     def _static_features(self) -> np.ndarray:
@@ -458,27 +479,12 @@ class RankSearchEnv(gym.Env):
             return self._observation(), 0.0, False, False, info
 
         plans = list(self._plans)
-        evaluation = self.evaluator(plans)
-        flops = self.flops_ratio(plans)
-        accuracy = 0.0 if evaluation.failed else float(evaluation.accuracy)
-        if self.reward_kind == "acc":
-            reward = accuracy
+        if self.evaluator is None:  # the caller prices the strategy: outcome() gives its reward
+            reward = 0.0
+            info.update(plans=plans, budget=self.budget, pending=True)
         else:
-            reward = -(1.0 - accuracy) * math.log(flops * self.dense_macs)
-        info.update(
-            plans=plans,
-            ratios={p.name: p.ratio for p in plans},
-            ranks={p.name: list(p.ranks) if p.ranks else None for p in plans},
-            flops_ratio=flops,
-            params_ratio=self.params_ratio(plans),
-            budget=self.budget,
-            accuracy=accuracy,
-            loss=evaluation.loss,
-            failed=evaluation.failed,
-            timings=dict(evaluation.timings),
-        )
-        if self.latency is not None:
-            info["latency_ratio"] = self.latency.ratio_of(plans)
+            reward, outcome = self.outcome(plans, self.evaluator(plans), self.budget)
+            info.update(outcome)
         # the terminal observation: the last layer's features with the final accounting
         self._t = len(self.steps) - 1
         obs = self._observation()

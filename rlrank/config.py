@@ -34,6 +34,7 @@ REWARD = "reward: the cheap fine-tune of every episode"
 TRAINING = "training"
 STAGES = "multi-stage compression"
 POLICY = "policy reuse"
+PARALLEL = "parallel episodes (Ray)"
 RUN = "run"
 
 
@@ -310,6 +311,42 @@ class SearchConfig:
         metavar="PATH",
         help="a saved policy (runs/X/stage-1/policy, or a file in it): --episodes 0 rolls it out once, "
         "N continues training",
+    )
+    # parallel episodes
+    workers: int = option(
+        0,
+        resume_safe=True,
+        group=PARALLEL,
+        type=count,
+        metavar="N",
+        help="price N episodes at once on Ray workers, each holding the model, factors and data once "
+        "(needs rlrank[ray]); 0 = one at a time in this process, without Ray",
+    )
+    ray_address: str | None = option(
+        None,
+        resume_safe=True,
+        group=PARALLEL,
+        metavar="ADDRESS",
+        help="with --workers: a running Ray cluster (e.g. ray://head:10001 or auto); default: start "
+        "Ray on this machine for the run",
+    )
+    gpus_per_worker: float = option(
+        0.0,
+        resume_safe=True,
+        group=PARALLEL,
+        type=non_negative_float,
+        metavar="G",
+        help="with --workers: GPUs per worker, fractions share one (0.25 = four workers per GPU); "
+        "0 = workers on CPUs",
+    )
+    threads_per_worker: int = option(
+        0,
+        resume_safe=True,
+        group=PARALLEL,
+        type=count,
+        metavar="T",
+        help="with --workers: CPU threads (and Ray CPUs) per worker; 0 = this machine's cores shared "
+        "out among the workers",
     )
     # run
     device: str = option("auto", resume_safe=True, group=RUN, help="auto, cpu or cuda")

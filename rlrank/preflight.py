@@ -37,6 +37,7 @@ from rlrank.envs import (
     smallest_budget,
 )
 from rlrank.errors import ConfigError
+from rlrank.evaluator_pool import check_workers
 from rlrank.finetune import resolve_device
 from rlrank.latency_table import LatencyTable, latency_table
 from rlrank.layers import LayerInfo
@@ -120,6 +121,7 @@ def validate(config: SearchConfig) -> None:
         raise ConfigError("--train-budgets and --policy need an agent that learns a policy (--agent ddpg)")
     if config.train_budgets and config.stages > 1:
         raise ConfigError("--train-budgets trains one policy over budgets; use it with --stages 1")
+    check_workers(config)
 
 
 def seed_everything(seed: int) -> None:

@@ -40,6 +40,7 @@ class EpisodeRow:
         timestamp: Seconds since the epoch when the episode ended.
         phase: ``center``, ``warmup``, ``explore``, ``random``, ``policy`` or ``rule``.
         latency_ratio: Predicted fraction of the dense model's latency (with ``--latency`` only).
+        worker: The Ray worker that priced the strategy (with ``--workers`` only).
     """
 
     stage: int
@@ -58,11 +59,13 @@ class EpisodeRow:
     timestamp: float = 0.0
     phase: str = ""
     latency_ratio: float | None = None
+    worker: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if self.latency_ratio is None:
-            del data["latency_ratio"]
+        for optional in ("latency_ratio", "worker"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
     @classmethod

@@ -28,6 +28,7 @@ from rlrank.config import SearchConfig
 from rlrank.describe import describe_layers
 from rlrank.envs import OBSERVATION_FEATURES, RankSearchEnv
 from rlrank.errors import SearchError
+from rlrank.evaluator_pool import EvaluatorPool, open_pool
 from rlrank.factor_cache import FactorCache, output_covariances
 from rlrank.finetune import (
     FinetuneConfig,
@@ -41,7 +42,6 @@ from rlrank.model_file import load, save
 from rlrank.planning import LayerPlan, searched_layers
 from rlrank.preflight import Setup
 from rlrank.records import TIMING_KEYS, EpisodeRow, StageResult
-from rlrank.reward import RewardEvaluator
 from rlrank.run_folder import (
     BEST_STRATEGY_FILE,
     EPISODES_FILE,
@@ -121,11 +121,10 @@ def run_stage(
         bn_batches=config.bn_batches,
         val_images=config.reward_val_images,
     )
-    evaluator = RewardEvaluator(model, cache, data, reward_config, seed=config.seed)
     spec = agent_spec(config.agent)
     env = RankSearchEnv(
         layers,
-        evaluator,
+        None,  # the search loop prices strategies through the stage's evaluator pool
         budget=budget,
         budgets=config.train_budgets if config.train_budgets else None,
         decomposition=config.decomposition,
@@ -143,7 +142,11 @@ def run_stage(
     if config.action_center != "uniform" and not spec.plays_absolute_ratios:
         env.set_center(rule_strategy(config.action_center, env, cache, config.min_ratio))
     agent = make_agent(config.agent, _agent_context(config, env, cache, k))
-    best, failures, seconds = _search(stage_dir, config, env, agent, evaluator, k, budget, progress)
+    pool = open_pool(config, model, cache, data, reward_config)
+    try:
+        best, failures, seconds = _search(stage_dir, config, env, agent, pool, k, budget, progress)
+    finally:
+        pool.close()
 
     # ---- the chosen strategy, applied and fine-tuned
     plans = [env.plan_step(i, best.layers[layer.name]["ratio"]) for i, layer in enumerate(env.steps)]
@@ -151,7 +154,7 @@ def run_stage(
     _write_best_strategy(stage_dir / BEST_STRATEGY_FILE, best, plans, env, config)
     start = time.perf_counter()
     compressed = decompose_model(model, plans, cache)
-    del cache, evaluator
+    del cache, pool
     generator = torch.Generator().manual_seed(config.seed + 7919 * k)
     reestimate_bn(compressed, data, max(config.bn_batches, 1) * 4, config.batch_size, generator)
     epochs = config.final_epochs if last else config.stage_epochs
@@ -247,7 +250,7 @@ def _search(
     config: SearchConfig,
     env: RankSearchEnv,
     agent: Agent,
-    evaluator: RewardEvaluator,
+    pool: EvaluatorPool,
     k: int,
     budget: float,
     progress: bool,
@@ -280,7 +283,7 @@ def _search(
     run_episodes(
         env,
         agent,
-        evaluator,
+        pool,
         k,
         budget,
         n_episodes,

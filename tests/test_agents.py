@@ -125,7 +125,7 @@ def test_ddpg_learns_which_layer_to_keep(tiny_layers):
     rewards = []
     for episode in range(70):
         transitions, reward, _ = run_episode(env, agent, episode)
-        stats = agent.end_episode(transitions, reward)
+        stats = agent.end_episode(transitions, reward, episode)
         rewards.append(reward)
         if episode >= cfg.warmup:
             assert "critic_loss" in stats and np.isfinite(stats["critic_loss"])
@@ -140,13 +140,13 @@ def test_bootstrap_credit_stores_reward_on_last_step_only(tiny_layers):
         env.observation_space, env.action_space, DDPGConfig(warmup=5, credit="bootstrap"), seed=0
     )
     transitions, reward, _ = run_episode(env, agent, 0)
-    agent.end_episode(transitions, reward)
+    agent.end_episode(transitions, reward, 0)
     n = len(transitions)
     assert agent.buffer.rewards[:n, 0].tolist() == [0.0] * (n - 1) + [pytest.approx(0.7)]
     assert agent.buffer.dones[:n, 0].tolist() == [0.0] * (n - 1) + [1.0]
 
     agent = DDPGAgent(env.observation_space, env.action_space, DDPGConfig(warmup=5, credit="copy"), seed=0)
-    agent.end_episode(transitions, reward)
+    agent.end_episode(transitions, reward, 0)
     assert np.allclose(agent.buffer.rewards[:n, 0], 0.7) and np.all(agent.buffer.dones[:n, 0] == 1)
 
 
@@ -155,7 +155,7 @@ def test_policy_save_load_round_trip(tiny_layers, tmp_path):
     agent = DDPGAgent(env.observation_space, env.action_space, DDPGConfig(warmup=2, batch_size=4), seed=3)
     for episode in range(5):
         transitions, reward, _ = run_episode(env, agent, episode)
-        agent.end_episode(transitions, reward)
+        agent.end_episode(transitions, reward, episode)
     meta = {"model": "tiny", "decomposition": "tucker2", "observation_features": list(OBSERVATION_FEATURES)}
     save_policy(tmp_path / "policy", agent, meta)
     assert {p.name for p in (tmp_path / "policy").iterdir()} == {"policy.pt", "policy.json", "replay.npz"}

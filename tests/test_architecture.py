@@ -24,6 +24,7 @@ from rlrank.checkpoint import SearchProgress
 from rlrank.config import SearchConfig
 from rlrank.describe import describe_layers
 from rlrank.envs import Evaluation, RankSearchEnv
+from rlrank.evaluator_pool import InProcessPool
 from rlrank.factor_cache import FactorCache
 from rlrank.methods import _REGISTRY as METHODS
 from rlrank.methods import SVD, get_method, list_methods
@@ -92,7 +93,18 @@ FORBIDDEN = {
     "rlrank.surgery": {*HIGHER, "rlrank.envs", "rlrank.agents", "rlrank.model_file"},
     "rlrank.model_file": {*HIGHER, "rlrank.envs", "rlrank.agents"},
     # the env does not know which agent drives it, nor how rewards are computed
-    "rlrank.envs": {*HIGHER, "rlrank.agents", "rlrank.reward", "rlrank.finetune", "rlrank.factor_cache"},
+    "rlrank.envs": {
+        *HIGHER,
+        "rlrank.agents",
+        "rlrank.reward",
+        "rlrank.finetune",
+        "rlrank.factor_cache",
+        "rlrank.evaluator_pool",
+        "rlrank.ray_pool",
+    },  # fmt: skip
+    # where strategies are priced knows nothing of agents or the loop that drives it
+    "rlrank.evaluator_pool": {*HIGHER, "rlrank.agents"},
+    "rlrank.ray_pool": {*HIGHER, "rlrank.agents"},
     # agents never touch a network being compressed
     "rlrank.agents": {
         *HIGHER,
@@ -269,10 +281,10 @@ class StubEvaluator:
 def test_the_loop_calls_every_hook_in_order_and_continues_from_progress():
     layers = describe_layers(build_model(ModelSpec("tiny", 10, 1, 8)), (1, 8, 8))
     evaluator = StubEvaluator()
-    env = RankSearchEnv(layers, evaluator, budget=0.5)
+    env = RankSearchEnv(layers, None, budget=0.5)
     recorder = Recorder()
     progress = SearchProgress(episodes_done=1)
-    run_episodes(env, AlwaysCenter(), evaluator, 1, 0.5, 3, progress, CallbackList([recorder]))
+    run_episodes(env, AlwaysCenter(), InProcessPool(evaluator), 1, 0.5, 3, progress, CallbackList([recorder]))
     assert recorder.calls == [("start", 1), ("episode", 1), ("episode", 2), ("end", 3)]
     assert evaluator.episodes == [(1, 1), (1, 2)] and progress.episodes_done == 3
 

@@ -351,3 +351,22 @@ def test_bench_latency(
     measured = table[table["note"].isna() | (table["note"] == "")]
     assert {"--flops 0.5", "--latency 1.0"} <= set(measured["search"])  # always reachable
     assert all(float(x) > 0 for x in measured["b64 speed-up fast"])
+
+
+def test_bench_workers(
+    script: Callable[[str], ModuleType], tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("ray")
+    argv = ["--dataset", "digits", "--model", "tiny", "--episodes", "4", *TINY_SEARCH]
+    argv += ["--configs", "inproc:1", "1:1", "2:1", "--paper-model", "tiny", "--probe-episodes", "2"]
+    assert script("bench_workers").main([*argv, "--out", str(tmp_path), "--no-append"]) == 0
+    section = _section(capsys.readouterr().out, "Episodes per hour on Ray workers (tiny, digits)")
+    measured, paper = _tables(section)
+    assert measured["configuration"].tolist() == [
+        "in process, 1 thread(s), no Ray", "1 worker(s) x 1 thread(s)", "2 worker(s) x 1 thread(s)",
+    ]  # fmt: skip
+    assert measured["workers seen"].fillna("").tolist() == ["", "0", "0, 1"]
+    assert [float(x) for x in measured["largest Δ reward"][1:]] == [0.0, 0.0]  # same strategies, same threads
+    assert all(float(x) > 0 for x in measured["episodes / hour"])
+    assert paper["workers"].tolist() == ["1", "8", "32"]
+    assert "tiny's (a 2-episode probe" in section and (tmp_path / "tiny-probe-seed0").is_dir()

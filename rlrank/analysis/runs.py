@@ -11,6 +11,7 @@ The episode frame has one row per logged episode, in run, stage and episode orde
   ``flops_ratio``, ``params_ratio`` (float64), ``failed`` (bool) and ``failure`` (its reason);
 * ``time_decompose``, ``time_finetune``, ``time_evaluate``, ``time_agent``, ``time_env``,
   ``time_total`` (seconds) and ``timestamp``;
+* ``worker`` (nullable int: the Ray worker that priced the episode, ``<NA>`` without ``--workers``);
 * per layer, in network order, ``ratio/<layer>`` (float64, the kept rank ratio) and
   ``rank/<layer>`` (string: ``"32x16"`` for Tucker-2 ranks, ``"24"`` for SVD, ``"dense"`` when the
   layer is kept whole).
@@ -58,7 +59,9 @@ _STRING_COLUMNS = ("run", "agent", "phase", "failure")
 _METRICS = ("budget", "stage_budget", "reward", "accuracy", "loss", "flops_ratio", "params_ratio")
 _TIMES = (*(f"time_{key}" for key in TIME_KEYS), "timestamp")
 _FLOAT_COLUMNS = (*_METRICS, *_TIMES)
-BASE_COLUMNS = ("run", "stage", "episode", "agent", "phase", *_METRICS, "failed", "failure", *_TIMES)
+BASE_COLUMNS = (
+    "run", "stage", "episode", "agent", "phase", *_METRICS, "failed", "failure", *_TIMES, "worker"
+)  # fmt: skip
 _STAGE_DIR = re.compile(re.escape(STAGE_DIR_PREFIX) + r"(\d+)")
 
 
@@ -283,6 +286,7 @@ def _flatten(row: dict[str, Any], index: int, run: str, stage: StageInfo) -> dic
     times = row.get("time") or {}
     out.update({f"time_{key}": times.get(key) for key in TIME_KEYS})
     out["timestamp"] = row.get("timestamp")
+    out["worker"] = row.get("worker")
     for name, layer in (row.get("layers") or {}).items():
         out[RATIO + name] = layer.get("ratio")
         out[RANK + name] = format_ranks(layer.get("ranks"))
@@ -301,6 +305,7 @@ def _coerce(frame: pd.DataFrame) -> pd.DataFrame:
     for column in (*_FLOAT_COLUMNS, *ratios):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
     frame["failed"] = frame["failed"].fillna(False).astype(bool)
+    frame["worker"] = pd.to_numeric(frame["worker"]).astype("Int64")
     for column in (*_STRING_COLUMNS, *ranks):
         frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
     return frame
