@@ -14,6 +14,7 @@ import copy
 import importlib.util
 import itertools
 import os
+import socket
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,6 +148,7 @@ def check_workers(config: SearchConfig) -> None:
     if config.threads_per_worker < 0:
         raise UserError(f"--threads-per-worker must be >= 0, got {config.threads_per_worker}")
     if config.ray_address:
+        check_reachable(config.ray_address)
         return
     cores = os.cpu_count() or 1
     threads = config.threads_per_worker or max(1, cores // config.workers)
@@ -161,6 +163,21 @@ def check_workers(config: SearchConfig) -> None:
             f"--workers {config.workers} x --gpus-per-worker {gpus:g} need {config.workers * gpus:g} GPUs; "
             f"this machine has {available}"
         )
+
+
+def check_reachable(address: str) -> None:
+    """Raise :class:`UserError` when nothing listens at a ``--ray-address`` of the form
+    ``[ray://]host:port`` (``auto`` and other forms are left to Ray)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UserError(
+            f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start the cluster "
+            "first (ray start --head) or check the address"
+        ) from exc
 
 
 def open_pool(

@@ -71,9 +71,13 @@ def start_ray(address: str | None) -> bool:
         return False
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address:
-        ray.init(address=address, **quiet)
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RunFailure(f"cannot join the Ray cluster at {address}: {_first_line(exc)}") from exc
     else:
         ray.init(
+            address="local",  # a new Ray for the run, even when `ray start` left one on this machine
             num_cpus=os.cpu_count() or 1,
             num_gpus=torch.cuda.device_count(),
             include_dashboard=False,
@@ -97,6 +101,11 @@ def check_resources(workers: RayWorkers) -> None:
             f"--workers {workers.count} x --gpus-per-worker {workers.gpus:g} need {gpus:g} GPUs; "
             f"the Ray cluster has {total.get('GPU', 0):g}"
         )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -152,7 +161,13 @@ class RayPool:
             self._actors = [self._start_worker() for _ in range(workers.count)]
             self._idle = list(range(workers.count))
             self._running: dict[ray.ObjectRef, _Task] = {}
-            self.worker_pids()  # every worker is up, its evaluator built (or its error raised here)
+            try:
+                self.worker_pids()  # every worker is up, its evaluator built
+            except RayActorError as exc:
+                raise RunFailure(
+                    f"the Ray workers could not start ({_first_line(exc)}); on a cluster every node "
+                    "needs rlrank installed"
+                ) from exc
         except BaseException:
             self._shutdown()
             raise
@@ -201,13 +216,13 @@ class RayPool:
         if task.attempt >= MAX_ATTEMPTS:
             raise WorkerLost(
                 f"Ray worker {task.worker} died {task.attempt} times evaluating episode {task.episode} "
-                f"of stage {task.stage} (last: {str(exc).splitlines()[0]})"
+                f"of stage {task.stage} (last: {_first_line(exc)})"
             ) from exc
         logger.warning(
             "Ray worker %d died evaluating episode %d (%s); restarting it and evaluating the episode again",
             task.worker,
             task.episode,
-            str(exc).splitlines()[0],
+            _first_line(exc),
         )
         ray.kill(self._actors[task.worker], no_restart=True)
         self._actors[task.worker] = self._start_worker()

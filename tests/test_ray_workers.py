@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,10 +42,57 @@ ARGS = [
 ]  # fmt: skip
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_search_joins_a_running_ray_cluster(tmp_path):
+    """``--ray-address``: a search joins a head node started with ``ray start``, uses it and leaves
+    it running (the test stops the head by its process group)."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    # Ray's token authentication, with a token of the test's own (never the user's ~/.ray)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        status = [ray_cli, "status", f"--address={address}"]
+        while subprocess.run(status, capture_output=True, env=env).returncode:
+            assert head.poll() is None and time.time() < deadline, "the Ray head did not start"
+            time.sleep(0.5)
+        search = [sys.executable, "-m", "rlrank.search", *ARGS, "--agent", "random", "--workers", "2"]
+        result = subprocess.run(
+            [*search, "--ray-address", address, "--out", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr
+        still_up = subprocess.run(status, capture_output=True, env=env)
+        assert still_up.returncode == 0, "the search shut down a cluster it did not start"
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    _, rows = run_rows(tmp_path)
+    assert [r["episode"] for r in rows] == list(range(8)) and {r["worker"] for r in rows} == {0, 1}
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray with 2 CPUs for the module (searches in this process join it)."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False
+    )
     yield
     ray.shutdown()
 
@@ -93,6 +142,7 @@ def test_without_workers_ray_is_never_imported(tmp_path):
         (["--gpus-per-worker", "0.5"], "--gpus-per-worker needs --workers"),
         (["--workers", "3", "--threads-per-worker", str((os.cpu_count() or 1) + 1)], "CPU cores"),
         (["--workers", "1", "--gpus-per-worker", "1.5"], "fraction in [0, 1] or a whole number"),
+        (["--workers", "2", "--ray-address", f"127.0.0.1:{free_port()}"], "nothing answers there"),
     ],
 )
 def test_bad_worker_options_are_one_line_errors(extra, fragment, tmp_path, capsys):
@@ -238,27 +288,38 @@ def test_resume_after_sigkill_with_workers_keeps_every_episode_once(local_ray, t
     assert json.loads((run / "report.json").read_text())["reward_evaluations"] == 8
 
 
-def ray_processes() -> set[int]:
-    """Live processes of Ray (workers, raylet, GCS, agents) on this machine."""
-    found = set()
+def _stat(pid: int) -> tuple[str, int] | None:
+    """A process's state and parent, or ``None`` when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below ``root`` (Ray's raylet, GCS, agents and workers below a search)."""
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and (b"ray::" in cmdline or b"raylet" in cmdline or b"gcs_server" in cmdline):
-            found.add(int(entry.name))
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None and stat[0] != "Z":
+            parents[int(entry.name)] = stat[1]
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
     return found
 
 
+def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if (stat := _stat(pid)) is not None and stat[0] != "Z"}
+
+
 def test_ctrl_c_stops_the_search_and_shuts_ray_down(local_ray, tmp_path):
-    before = ray_processes()
     process = start_search(tmp_path, "--episodes", "200")
     try:
         run = wait_for_rows(tmp_path, 2, process)
+        ray_of_the_search = descendants(process.pid)  # raylet, GCS, agents, the two workers
+        assert len(ray_of_the_search) >= 3
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=120)
     finally:
@@ -267,9 +328,9 @@ def test_ctrl_c_stops_the_search_and_shuts_ray_down(local_ray, tmp_path):
     assert process.returncode == 130, err
     assert f"--resume {run}" in err
     deadline = time.time() + 60
-    while ray_processes() - before and time.time() < deadline:  # Ray's processes exit
+    while alive(ray_of_the_search) and time.time() < deadline:  # Ray's processes exit
         time.sleep(0.1)
-    assert not ray_processes() - before, "Ray processes were left running"
+    assert not alive(ray_of_the_search), "Ray processes were left running"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
