@@ -159,6 +159,7 @@ _RULES = {
     "uniform": "one rank ratio for every layer",
     "energy": "keep a fraction of every layer's singular-value energy",
     "vbmf": "weakened VBMF ranks (MUSCO)",
+    "alds": "the smallest largest per-layer relative error in operator norm (ALDS)",
 }
 for _rule_name in SELECTORS:
     register_agent(

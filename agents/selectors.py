@@ -6,6 +6,12 @@
 * **VBMF**: per layer, the rank that empirical variational Bayesian matrix factorization
   (Nakajima et al., 2013) finds in each unfolding, weakened towards full rank by a factor ``w``
   as in MUSCO (``rank = full - w * (full - vbmf)``; ``w = 1`` is plain VBMF, ``w > 1`` goes below).
+* **ALDS** (after Liebenwein et al., NeurIPS 2021): the ranks that minimise the largest per-layer
+  relative approximation error in operator norm, ``sigma_{r+1} / sigma_1`` of each unfolding, under
+  the budget: one error level ``eps`` for every layer, the smallest that meets it. (ALDS also splits
+  a layer's channels into several subspaces, each factorized on its own; rlrank's methods do not,
+  so this is the rank allocation of ALDS on rlrank's factorizations.) Where ``energy`` bounds the
+  Frobenius error (every discarded singular value counts), ALDS bounds the worst direction only.
 
 The selectors only see numbers: the singular values of each layer's unfoldings and a cost function
 (ratios -> kept FLOP fraction) given by the caller, so they never touch a network.
@@ -25,7 +31,7 @@ from rlrank.errors import UserError
 CostFn = Callable[[np.ndarray], float]
 """Maps one rank ratio per layer to the fraction of the dense model's FLOPs kept."""
 
-SELECTORS = ("uniform", "energy", "vbmf")
+SELECTORS = ("uniform", "energy", "vbmf", "alds")
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +97,29 @@ def energy_ratios(spectra: Spectra, cost: CostFn, budget: float) -> tuple[np.nda
 
     e = _largest_within(make, cost, budget, 0.0, 1.0)
     return make(e), e
+
+
+def spectral_rank(values: np.ndarray, error: float) -> int:
+    """Smallest rank whose relative error in operator norm, ``sigma_{r+1} / sigma_1``, is at most
+    ``error`` (at least 1)."""
+    s = np.asarray(values, dtype=np.float64)
+    if len(s) == 0 or s[0] <= 0:
+        return 1
+    return max(1, int(np.sum(s / s[0] > error)))
+
+
+def alds_ratios(spectra: Spectra, cost: CostFn, budget: float) -> tuple[np.ndarray, float]:
+    """Per-layer ratios with relative operator-norm error at most ``eps`` in every unfolding, ``eps``
+    the smallest within budget (the min-max error allocation of ALDS). Returns ``(ratios, eps)``."""
+
+    def make(keep: float) -> np.ndarray:
+        error = 1.0 - keep  # cost is non-decreasing in keep, as the bisection wants
+        return np.array(
+            [_ratio_from_ranks(layer, [spectral_rank(v, error) for v, _ in layer]) for layer in spectra]
+        )
+
+    keep = _largest_within(make, cost, budget, 0.0, 1.0)
+    return make(keep), 1.0 - keep
 
 
 def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
@@ -171,7 +200,7 @@ def rule_ratios(
     """A rule's per-layer ratios at ``budget``: its one knob turned until the budget is met.
 
     Args:
-        rule: ``uniform``, ``energy`` or ``vbmf``.
+        rule: ``uniform``, ``energy``, ``vbmf`` or ``alds``.
         n_layers: Layers (steps) to choose ratios for.
         cost: Ratios -> kept FLOP fraction.
         budget: The FLOP fraction to keep at most.
@@ -185,11 +214,11 @@ def rule_ratios(
     Raises:
         SelectorError: Unknown rule, or no knob setting meets the budget.
     """
+    spectral = {"energy": energy_ratios, "vbmf": vbmf_ratios, "alds": alds_ratios}
     if rule == "uniform":
         ratios, knob = uniform_ratios(n_layers, cost, budget, min_ratio)
-    elif rule in ("energy", "vbmf"):
-        select = energy_ratios if rule == "energy" else vbmf_ratios
-        ratios, knob = select(spectra(), cost, budget)
+    elif rule in spectral:
+        ratios, knob = spectral[rule](spectra(), cost, budget)
     else:
         raise SelectorError(f"unknown rule {rule!r}; known: {', '.join(SELECTORS)}")
     logger.info("%s selector: knob %.4f keeps %.4f of the FLOPs", rule, knob, cost(ratios))

@@ -3,7 +3,7 @@
 For each budget (0.5 and 0.3 of the dense FLOPs) every method searches Tucker-2 ranks for the
 same dense model with the same cheap-fine-tune reward, then gets the same final fine-tune:
 
-* ``uniform``, ``energy``, ``vbmf``: rules, each hitting the budget by bisection on its own knob
+* ``uniform``, ``energy``, ``vbmf``, ``alds``: rules, each hitting the budget by bisection on its own knob
   (one reward evaluation);
 * ``random``: random search with DDPG's number of reward evaluations, over ``seeds``;
 * ``ddpg``: the agent (AMC settings), over ``seeds``;
@@ -98,7 +98,7 @@ SCALES = {
         seeds=[0, 1, 2],
     ),
 }
-METHODS = ("uniform", "energy", "vbmf", "random", "ddpg", "ddpg-energy", "random-energy")
+METHODS = ("uniform", "energy", "vbmf", "alds", "random", "ddpg", "ddpg-energy", "random-energy")
 METHOD_ARGS = {
     "ddpg-energy": ["--agent", "ddpg", "--action-center", "energy"],
     "random-energy": ["--agent", "random", "--action-center", "energy"],

@@ -182,7 +182,7 @@ class SearchConfig:
     action_center: str = option(
         "uniform",
         group=BUDGET,
-        choices=("uniform", "energy", "vbmf"),
+        choices=("uniform", "energy", "vbmf", "alds"),
         help="with --action-space relative: the strategy that action 0 plays, the uniform one or a "
         "rule's, rescaled to the budget left at each step",
     )
@@ -191,7 +191,7 @@ class SearchConfig:
         "ddpg",
         group=SEARCH,
         choices="rlrank.agents.registry:list_agents",
-        help="ddpg, random search, or a rule: uniform, energy, vbmf",
+        help="ddpg, random search, or a rule: uniform, energy, vbmf, alds",
     )
     episodes: int = option(100, group=SEARCH, type=count, help="episodes (reward evaluations) per stage")
     warmup: int = option(25, group=SEARCH, type=count, help="DDPG warm-up episodes of random actions")

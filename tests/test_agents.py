@@ -14,8 +14,10 @@ from rlrank.agents.ddpg import DDPGAgent, DDPGConfig, load_policy, save_policy, 
 from rlrank.agents.policy_files import PolicyError, check_policy_fits, read_policy_metadata
 from rlrank.agents.selectors import (
     SelectorError,
+    alds_ratios,
     energy_rank,
     energy_ratios,
+    spectral_rank,
     uniform_ratios,
     vbmf_rank,
     vbmf_ratios,
@@ -262,6 +264,44 @@ def test_energy_rank():
     ratios, e = energy_ratios(spectra, linear_cost([1, 1]), 0.6)
     assert np.mean(ratios) <= 0.6 + 1e-9
     assert ratios[0] < ratios[1]  # the concentrated spectrum gets the smaller rank
+
+
+def test_spectral_rank_bounds_the_operator_norm_error():
+    values = np.array([4.0, 2.0, 1.0, 0.5])  # relative: 1, 0.5, 0.25, 0.125
+    assert spectral_rank(values, 0.5) == 1  # sigma_2 / sigma_1 = 0.5 <= 0.5
+    assert spectral_rank(values, 0.49) == 2
+    assert spectral_rank(values, 0.2) == 3
+    assert spectral_rank(values, 0.0) == 4 and spectral_rank(values, 1.0) == 1
+
+
+def test_alds_minimises_the_largest_error_within_budget():
+    rng = np.random.default_rng(2)
+    flat_tail = np.array([10.0] + [1.0] * 15)  # little error left after rank 1, much energy
+    decaying = np.sort(rng.uniform(0.5, 10.0, 16))[::-1]
+    spectra = [[(flat_tail, (16, 144))], [(decaying, (16, 144))]]
+    cost = linear_cost([1, 3])
+
+    def largest_error(ranks):
+        return max(
+            spectrum[r] / spectrum[0] if r < 16 else 0.0
+            for ((spectrum, _),), r in zip(spectra, ranks, strict=True)
+        )
+
+    ratios, eps = alds_ratios(spectra, cost, 0.5)
+    ranks = [int(round(r * 16)) for r in ratios]
+    assert cost(ratios) <= 0.5 + 1e-9
+    # brute force over every pair of ranks within the budget: none has a smaller largest error
+    best = min(
+        largest_error((a, b))
+        for a in range(1, 17)
+        for b in range(1, 17)
+        if cost(np.array([a, b]) / 16) <= 0.5
+    )
+    assert largest_error(ranks) == pytest.approx(best) and largest_error(ranks) <= eps + 1e-9
+    energy, _ = energy_ratios(spectra, cost, 0.5)
+    assert ratios[0] < energy[0]  # energy keeps the flat tail's energy; ALDS spends it on layer 1
+    with pytest.raises(SelectorError):
+        alds_ratios(spectra, cost, 0.01)
 
 
 def test_vbmf_finds_the_rank_of_a_noisy_low_rank_matrix():

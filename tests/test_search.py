@@ -93,7 +93,7 @@ def test_cli_prints_dense_and_compressed_accuracy(tmp_path, ddpg_run, capsys):
     assert max(ratios) - min(ratios) < 1e-6  # one ratio for every layer
 
 
-@pytest.mark.parametrize("agent", ["random", "energy", "vbmf"])
+@pytest.mark.parametrize("agent", ["random", "energy", "vbmf", "alds"])
 def test_every_agent_meets_the_budget(agent, tmp_path, ddpg_run):
     args = [*FAST, "--flops", "0.35", "--agent", agent, "--episodes", "3", "--final-epochs", "0"]
     assert (
