@@ -8,7 +8,8 @@ same dense model with the same cheap-fine-tune reward, then gets the same final 
 * ``random``: random search with DDPG's number of reward evaluations, over ``seeds``;
 * ``ddpg``: the agent (AMC settings), over ``seeds``;
 * ``ddpg-energy``, ``random-energy``: the same with ``--action-center energy`` (action 0 plays the
-  energy rule's strategy instead of the uniform one);
+  energy rule's strategy instead of the uniform one); ``ddpg-alds``, ``random-alds``: centered on
+  the ALDS rule;
 * ablations on the uniform rule: ``+distill`` (knowledge distillation from the dense model in the
   final fine-tune) and ``+data-aware`` (output factors fitted to the layers' responses on
   training images), so that each gain is visible on its own.
@@ -98,13 +99,18 @@ SCALES = {
         seeds=[0, 1, 2],
     ),
 }
-METHODS = ("uniform", "energy", "vbmf", "alds", "random", "ddpg", "ddpg-energy", "random-energy")
+METHODS = (
+    "uniform", "energy", "vbmf", "alds", "random", "ddpg", "ddpg-energy", "random-energy", "ddpg-alds",
+    "random-alds",
+)  # fmt: skip
 METHOD_ARGS = {
     "ddpg-energy": ["--agent", "ddpg", "--action-center", "energy"],
     "random-energy": ["--agent", "random", "--action-center", "energy"],
+    "ddpg-alds": ["--agent", "ddpg", "--action-center", "alds"],
+    "random-alds": ["--agent", "random", "--action-center", "alds"],
 }
 """Methods that are an agent with options; any other method is ``--agent METHOD``."""
-SEARCHED = ("random", "ddpg", "ddpg-energy", "random-energy")
+SEARCHED = ("random", "ddpg", "ddpg-energy", "random-energy", "ddpg-alds", "random-alds")
 ABLATION_ARGS = {"distill": ["--distill", "0.5"], "data-aware": ["--data-aware"]}
 EPISODE_TIMES = ("decompose", "finetune", "evaluate", "agent", "env", "total")
 """The parts of an episode's time in a stage's ``time_per_episode`` (and the CSV's ``episode_*_s``)."""
