@@ -87,13 +87,16 @@ def _ratio_from_ranks(spectra: Sequence[tuple[np.ndarray, tuple[int, int]]], ran
     return max(r / len(values) for (values, _), r in zip(spectra, ranks, strict=True))
 
 
+def _per_unfolding_ratios(spectra: Spectra, rank: Callable[[np.ndarray], int]) -> np.ndarray:
+    """Per layer, the ratio that keeps ``rank(singular values)`` in every unfolding."""
+    return np.array([_ratio_from_ranks(layer, [rank(values) for values, _ in layer]) for layer in spectra])
+
+
 def energy_ratios(spectra: Spectra, cost: CostFn, budget: float) -> tuple[np.ndarray, float]:
     """Per-layer ratios keeping energy ``e`` in every unfolding, ``e`` the largest within budget."""
 
     def make(e: float) -> np.ndarray:
-        return np.array(
-            [_ratio_from_ranks(layer, [energy_rank(v, e) for v, _ in layer]) for layer in spectra]
-        )
+        return _per_unfolding_ratios(spectra, lambda values: energy_rank(values, e))
 
     e = _largest_within(make, cost, budget, 0.0, 1.0)
     return make(e), e
@@ -112,11 +115,8 @@ def alds_ratios(spectra: Spectra, cost: CostFn, budget: float) -> tuple[np.ndarr
     """Per-layer ratios with relative operator-norm error at most ``eps`` in every unfolding, ``eps``
     the smallest within budget (the min-max error allocation of ALDS). Returns ``(ratios, eps)``."""
 
-    def make(keep: float) -> np.ndarray:
-        error = 1.0 - keep  # cost is non-decreasing in keep, as the bisection wants
-        return np.array(
-            [_ratio_from_ranks(layer, [spectral_rank(v, error) for v, _ in layer]) for layer in spectra]
-        )
+    def make(keep: float) -> np.ndarray:  # cost is non-decreasing in keep = 1 - eps, as the bisection wants
+        return _per_unfolding_ratios(spectra, lambda values: spectral_rank(values, 1.0 - keep))
 
     keep = _largest_within(make, cost, budget, 0.0, 1.0)
     return make(keep), 1.0 - keep

@@ -67,17 +67,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def probe_args(args: argparse.Namespace) -> list[str]:
     """A short in-process search of ``--paper-model`` on the benchmark's data, for its episode cost."""
-    data = recording.data_args(args.paper_model, args.dataset)
-    if "--checkpoint" in data:  # no pretrained weights for it: an episode costs the same untrained
-        at = data.index("--checkpoint")
-        del data[at : at + 2]
+    search = recording.cifar_search_args(
+        args.paper_model, args.finetune_steps, args.reward_val_images, dataset=args.dataset
+    )
+    if "--checkpoint" in search:  # no pretrained weights for it: an episode costs the same untrained
+        at = search.index("--checkpoint")
+        del search[at : at + 2]
     return [
-        *data,
+        *search,
         "--dense-epochs", "0",
-        "--finetune-steps", str(args.finetune_steps),
-        "--reward-val-images", str(args.reward_val_images),
-        "--batch-size", "128",
-        "--finetune-batch-size", "128",
         "--agent", "random",
         "--episodes", str(args.probe_episodes),
         "--final-epochs", "0",

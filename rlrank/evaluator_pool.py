@@ -70,6 +70,14 @@ class EvaluatorPool(Protocol):
         """Release the workers (no more submissions)."""
 
 
+def evaluate_episode(
+    evaluator: RewardEvaluator, stage: int, episode: int, plans: Sequence[LayerPlan]
+) -> Evaluation:
+    """Price one episode's strategy with the episode's random stream (in this process or a worker)."""
+    evaluator.set_episode(stage, episode)
+    return evaluator(plans)
+
+
 class InProcessPool:
     """Prices one strategy at a time in this process, when its result is asked for.
 
@@ -88,20 +96,13 @@ class InProcessPool:
 
     def next_result(self) -> EvaluatedEpisode:
         stage, episode, plans = self._queue.popleft()
-        self.evaluator.set_episode(stage, episode)
-        return EvaluatedEpisode(episode, self.evaluator(plans))
+        return EvaluatedEpisode(episode, evaluate_episode(self.evaluator, stage, episode, plans))
 
     def cancel(self) -> None:
         self._queue.clear()
 
     def close(self) -> None:
         self._queue.clear()
-
-    def __enter__(self) -> InProcessPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def build_reward_evaluator(
@@ -115,6 +116,31 @@ def build_reward_evaluator(
     """A reward evaluator on ``device`` (what a Ray worker builds from the objects it is sent)."""
     target = torch.device(device)
     return RewardEvaluator(model.to(target), cache, data.to(target), config, seed=seed)
+
+
+def threads_per_worker(workers: int, threads: int) -> int:
+    """CPU threads of each of ``workers`` workers: ``threads``, or 0 for this machine's cores shared
+    out among them (at least 1)."""
+    return threads or max(1, (os.cpu_count() or 1) // workers)
+
+
+def check_capacity(
+    workers: int, threads: int, gpus: float, cpus_there: float, gpus_there: float, where: str
+) -> None:
+    """Raise :class:`UserError` when ``workers`` workers of ``threads`` threads and ``gpus`` GPUs each
+    do not fit at once into ``where`` (``this machine``, ``the Ray cluster``), which has
+    ``cpus_there`` CPU cores and ``gpus_there`` GPUs."""
+    if workers * threads > cpus_there:
+        hint = ", or give --ray-address" if where == "this machine" else ""
+        raise UserError(
+            f"--workers {workers} x {threads} threads need {workers * threads} CPU cores; "
+            f"{where} has {cpus_there:g} (lower --workers or --threads-per-worker{hint})"
+        )
+    if gpus > 0 and workers * gpus > gpus_there + 1e-9:
+        raise UserError(
+            f"--workers {workers} x --gpus-per-worker {gpus:g} need {workers * gpus:g} GPUs; "
+            f"{where} has {gpus_there:g}"
+        )
 
 
 def check_ray_installed() -> None:
@@ -150,19 +176,9 @@ def check_workers(config: SearchConfig) -> None:
     if config.ray_address:
         check_reachable(config.ray_address)
         return
+    threads = threads_per_worker(config.workers, config.threads_per_worker)
     cores = os.cpu_count() or 1
-    threads = config.threads_per_worker or max(1, cores // config.workers)
-    if config.workers * threads > cores:
-        raise UserError(
-            f"--workers {config.workers} x {threads} threads need {config.workers * threads} CPU cores; "
-            f"this machine has {cores} (lower --workers or --threads-per-worker, or give --ray-address)"
-        )
-    available = torch.cuda.device_count()
-    if gpus > 0 and config.workers * gpus > available + 1e-9:
-        raise UserError(
-            f"--workers {config.workers} x --gpus-per-worker {gpus:g} need {config.workers * gpus:g} GPUs; "
-            f"this machine has {available}"
-        )
+    check_capacity(config.workers, threads, gpus, cores, torch.cuda.device_count(), "this machine")
 
 
 def check_reachable(address: str) -> None:

@@ -26,8 +26,8 @@ import torch
 from ray.exceptions import RayActorError
 
 from rlrank.envs import Evaluation
-from rlrank.errors import RunFailure, UserError
-from rlrank.evaluator_pool import EvaluatedEpisode
+from rlrank.errors import RunFailure
+from rlrank.evaluator_pool import EvaluatedEpisode, check_capacity, evaluate_episode, threads_per_worker
 from rlrank.planning import LayerPlan
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,7 @@ class RayWorkers:
 
     def threads_each(self) -> int:
         """Threads per worker, ``threads`` or the machine's cores shared out."""
-        if self.threads:
-            return self.threads
-        return max(1, (os.cpu_count() or 1) // self.count)
+        return threads_per_worker(self.count, self.threads)
 
 
 def start_ray(address: str | None) -> bool:
@@ -89,18 +87,14 @@ def start_ray(address: str | None) -> bool:
 def check_resources(workers: RayWorkers) -> None:
     """Raise :class:`UserError` when the Ray cluster cannot hold every worker at once."""
     total = ray.cluster_resources()
-    cpus = workers.count * workers.threads_each()
-    gpus = workers.count * workers.gpus
-    if cpus > total.get("CPU", 0):
-        raise UserError(
-            f"--workers {workers.count} x {workers.threads_each()} threads need {cpus} CPUs; the Ray "
-            f"cluster has {total.get('CPU', 0):g} (lower --workers or --threads-per-worker)"
-        )
-    if gpus > total.get("GPU", 0) + 1e-9:
-        raise UserError(
-            f"--workers {workers.count} x --gpus-per-worker {workers.gpus:g} need {gpus:g} GPUs; "
-            f"the Ray cluster has {total.get('GPU', 0):g}"
-        )
+    check_capacity(
+        workers.count,
+        workers.threads_each(),
+        workers.gpus,
+        total.get("CPU", 0),
+        total.get("GPU", 0),
+        "the Ray cluster",
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -128,8 +122,7 @@ class EvaluationWorker:
 
     def evaluate(self, stage: int, episode: int, plans: Sequence[LayerPlan]) -> Evaluation:
         """Price one episode's strategy with the episode's random stream."""
-        self.evaluator.set_episode(stage, episode)
-        return self.evaluator(plans)
+        return evaluate_episode(self.evaluator, stage, episode, plans)
 
 
 @dataclass
