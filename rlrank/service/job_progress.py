@@ -1,0 +1,88 @@
+"""What a job's run folder says: episodes done of how many, the best reward so far, the result, the
+files it holds. Reads the folder as ``rlrank-analyze`` does (complete, being written, or crashed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rlrank.analysis.runs import AnalysisError, load_episodes, read_run
+from rlrank.run_folder import CONFIG_FILE, LOCK_FILE, REPORT_FILE, read_json
+
+MAX_ARTIFACTS = 500
+
+
+def has_run(run_dir: Path) -> bool:
+    """Whether the search got far enough to create its run folder (``config.json`` written)."""
+    return (run_dir / CONFIG_FILE).is_file()
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (run_dir / REPORT_FILE).is_file()
+
+
+def progress(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Episodes done and planned (over every stage), the stage being searched and the best reward."""
+    planned = int(config.get("episodes", 0)) * int(config.get("stages", 1))
+    out: dict[str, Any] = {
+        "episodes_done": 0,
+        "episodes_planned": planned,
+        "stage": None,
+        "best_reward": None,
+    }
+    if not has_run(run_dir):
+        return out
+    try:
+        info = read_run(run_dir)
+    except AnalysisError:
+        return out
+    done = [row for stage in info.stages for row in stage.rows]
+    rewards = [row["reward"] for row in done if _finite(row.get("reward")) and not row.get("failed")]
+    out.update(
+        episodes_done=len(done),
+        stage=info.stages[-1].number if info.stages else None,
+        best_reward=max(rewards) if rewards else None,
+    )
+    return out
+
+
+def result(run_dir: Path) -> dict[str, Any] | None:
+    """The finished run's report (dense and compressed accuracy, FLOP and parameter ratios)."""
+    if not is_complete(run_dir):
+        return None
+    report = read_json(run_dir / REPORT_FILE)
+    dense, compressed = report.get("dense") or {}, report.get("compressed") or {}
+    return {
+        "dense_test_accuracy": dense.get("test_accuracy"),
+        "test_accuracy": compressed.get("test_accuracy"),
+        "test_accuracy_delta": report.get("test_accuracy_delta"),
+        "flops_ratio": compressed.get("flops_ratio"),
+        "params_ratio": compressed.get("params_ratio"),
+        "reward_evaluations": report.get("reward_evaluations"),
+        "search_seconds": report.get("search_seconds"),
+        "wall_seconds": report.get("wall_seconds"),
+    }
+
+
+def episodes(run_dir: Path) -> pd.DataFrame:
+    """The job's episode frame (:func:`rlrank.analysis.load_episodes`); empty before the first row."""
+    if not has_run(run_dir):
+        return load_episodes([])
+    return load_episodes(run_dir)
+
+
+def artifacts(run_dir: Path) -> list[dict[str, Any]]:
+    """The files of the run folder (relative paths and sizes), sorted; the lock file left out."""
+    if not run_dir.is_dir():
+        return []
+    files = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK_FILE)
+    return [
+        {"path": p.relative_to(run_dir).as_posix(), "bytes": p.stat().st_size} for p in files[:MAX_ARTIFACTS]
+    ]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
