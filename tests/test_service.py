@@ -54,7 +54,8 @@ def test_submit_poll_fetch_episodes_and_artifacts(server: Server, tmp_path: Path
     assert list(frame["episode"]) == list(range(6))
 
     paths = {a["path"] for a in client.artifacts(job["id"])}
-    assert {"report.json", "model.pt", "config.json", "stage-1/episodes.jsonl"} <= paths
+    assert {"report.json", "model.pt", "config.json", "stage-1/episodes.jsonl", "analysis/report.md"} <= paths
+    assert any(path.startswith("analysis/") and path.endswith(".png") for path in paths)  # the plots
     saved = client.download(job["id"], "report.json", tmp_path / "report.json")
     run_dir = server.runs / done["run_dir"]
     assert saved.read_bytes() == (run_dir / "report.json").read_bytes()

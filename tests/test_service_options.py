@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlrank.service.auth import TokenError, is_authorized, load_token
+from rlrank.service.job_main import run_folder_of
 from rlrank.service.job_options import JobOptionError, confined_path, job_command
 from rlrank.service.job_store import CANCELLED, QUEUED, RUNNING, JobStore
 
@@ -112,3 +113,9 @@ def test_job_table_survives_reopening_and_guards_transitions(tmp_path: Path) -> 
     assert again is not None and again.state == RUNNING and again.argv == ["--flops", "0.5"]
     assert reopened.count((QUEUED, RUNNING)) == 1 and reopened.get(99) is None
     assert reopened.add({}, [], {}, tmp_path).id == 2
+
+
+def test_run_folder_of_a_jobs_arguments() -> None:
+    assert run_folder_of(["--model", "tiny", "--out", "/r", "--name", "job-3", "--quiet"]) == Path("/r/job-3")
+    assert run_folder_of(["--resume", "/r/job-3", "--threads", "1"]) == Path("/r/job-3")
+    assert run_folder_of(["--model", "tiny"]) is None

@@ -46,8 +46,9 @@ class Launcher(Protocol):
 
 
 def search_command(argv: list[str]) -> list[str]:
-    """The full command of a job: this Python running ``rlrank.search`` with ``argv``."""
-    return [sys.executable, "-m", "rlrank.search", *argv]
+    """The full command of a job: this Python running ``rlrank-search`` with ``argv``, then
+    ``rlrank-analyze`` on its run folder (:mod:`rlrank.service.job_main`)."""
+    return [sys.executable, "-m", "rlrank.service.job_main", *argv]
 
 
 def _child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
