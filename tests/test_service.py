@@ -294,3 +294,22 @@ def test_jobs_as_ray_tasks(tmp_path: Path) -> None:
         assert wait_for(lambda: ended(client, long["id"]), "the cancel")["state"] == "cancelled"
     finally:
         server.stop()
+
+
+def test_a_stopped_server_interrupts_its_jobs_and_resumes_them_at_the_next_start(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    server = Server(runs).start()
+    client = server.client()
+    job = client.submit(**tiny_job(episodes=80, finetune_steps=20))
+    wait_for(lambda: client.job(job["id"])["episodes_done"] >= 2, "two episodes")
+    server.stop()  # SIGTERM: uvicorn's graceful shutdown (then it re-raises the signal: exit -15)
+    log = (runs / ".service" / "logs" / f"job-{job['id']}.log").read_text()
+    assert "interrupted" in log  # Ctrl-C'd by the server: checkpointed, not killed
+    server = Server(runs).start()
+    try:
+        client = server.client()
+        done = wait_for(lambda: ended(client, job["id"]), "the job after the restart")
+        assert done["state"] == "done" and done["starts"] == 2, client.log(job["id"])
+        assert episode_numbers(runs / done["run_dir"]) == list(range(80))
+    finally:
+        server.stop()

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from rlrank.analysis.runs import AnalysisError, load_episodes, read_run
-from rlrank.run_folder import CONFIG_FILE, LOCK_FILE, REPORT_FILE, read_json
+from rlrank.run_folder import CONFIG_FILE, EPISODES_FILE, LOCK_FILE, REPORT_FILE, read_json
 
 MAX_ARTIFACTS = 500
 
@@ -24,8 +24,26 @@ def is_complete(run_dir: Path) -> bool:
     return (run_dir / REPORT_FILE).is_file()
 
 
+_PROGRESS_CACHE: dict[Path, tuple[tuple, dict[str, Any]]] = {}
+CACHE_SIZE = 1024
+
+
+def _signature(run_dir: Path) -> tuple:
+    """What changes when a run folder's progress can: its episode logs' and report's sizes and times."""
+    files = [run_dir / CONFIG_FILE, run_dir / REPORT_FILE, *sorted(run_dir.glob(f"*/{EPISODES_FILE}"))]
+    out = []
+    for path in files:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        out.append((path.name, path.parent.name, stat.st_size, stat.st_mtime_ns))
+    return tuple(out)
+
+
 def progress(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """Episodes done and planned (over every stage), the stage being searched and the best reward."""
+    """Episodes done and planned (over every stage), the stage being searched and the best reward;
+    the logs are read again only when they changed (the status of many jobs is asked for often)."""
     planned = int(config.get("episodes", 0)) * int(config.get("stages", 1))
     out: dict[str, Any] = {
         "episodes_done": 0,
@@ -35,18 +53,25 @@ def progress(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     }
     if not has_run(run_dir):
         return out
+    signature = _signature(run_dir)
+    cached = _PROGRESS_CACHE.get(run_dir)
+    if cached is not None and cached[0] == signature:
+        return {**out, **cached[1]}
     try:
         info = read_run(run_dir)
     except AnalysisError:
         return out
     done = [row for stage in info.stages for row in stage.rows]
     rewards = [row["reward"] for row in done if _finite(row.get("reward")) and not row.get("failed")]
-    out.update(
-        episodes_done=len(done),
-        stage=info.stages[-1].number if info.stages else None,
-        best_reward=max(rewards) if rewards else None,
-    )
-    return out
+    found = {
+        "episodes_done": len(done),
+        "stage": info.stages[-1].number if info.stages else None,
+        "best_reward": max(rewards) if rewards else None,
+    }
+    if len(_PROGRESS_CACHE) >= CACHE_SIZE:
+        _PROGRESS_CACHE.clear()
+    _PROGRESS_CACHE[run_dir] = (signature, found)
+    return {**out, **found}
 
 
 def result(run_dir: Path) -> dict[str, Any] | None:

@@ -75,6 +75,11 @@ class Scheduler:
         self._stop.set()
         self._wake.set()
         self._thread.join()
+        self.launcher.close()
+
+    def _shutdown(self) -> None:
+        """Interrupt the running jobs and wait for them: in the loop's own thread, which started their
+        processes (they die with that thread, see :mod:`~rlrank.service.launchers`)."""
         for handle in self.handles.values():
             handle.interrupt()
         deadline = time.monotonic() + SHUTDOWN_GRACE
@@ -88,7 +93,6 @@ class Scheduler:
                 stopped_by_us = code is None or code == EXIT_INTERRUPTED or code < 0
                 self._finish(job, code, requeue=stopped_by_us and not job.cancel_requested)
         self.handles.clear()
-        self.launcher.close()
 
     def wake(self) -> None:
         """Look at the queue now (a job was submitted, cancelled or resumed)."""
@@ -143,6 +147,7 @@ class Scheduler:
                 logger.exception("scheduler step failed")
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
+        self._shutdown()
 
     def _tick(self) -> None:
         for job_id, handle in list(self.handles.items()):
@@ -161,12 +166,29 @@ class Scheduler:
             queued = self.store.list((QUEUED,), limit=1)
             if not queued:
                 break
-            self._launch(queued[0])
+            try:
+                self._launch(queued[0])
+            except Exception as exc:  # noqa: BLE001 - this job fails, the queue goes on
+                logger.exception("job %d could not start", queued[0].id)
+                self.store.update(
+                    queued[0].id, state=FAILED, finished=time.time(), error=f"cannot start: {exc}"
+                )
 
     def _launch(self, job: Job) -> None:
+        now = time.time()
+        if not self.store.transition(
+            job.id,
+            (QUEUED,),
+            state=RUNNING,
+            started=now,
+            finished=None,
+            starts=job.starts + 1,
+            exit_code=None,
+        ):
+            return  # cancelled meanwhile
         run_dir = Path(job.run_dir)
         if job.resume and is_complete(run_dir):
-            self.store.update(job.id, state=DONE, exit_code=0, finished=time.time(), resume=False)
+            self.store.update(job.id, state=DONE, exit_code=0, finished=now, resume=False)
             return
         if job.resume and has_run(run_dir):
             argv = ["--resume", str(run_dir)]
@@ -174,21 +196,13 @@ class Scheduler:
             if run_dir.exists():
                 if job.starts == 0:
                     self.store.update(
-                        job.id, state=FAILED, finished=time.time(), error=f"run folder {run_dir.name} exists"
+                        job.id, state=FAILED, finished=now, error=f"run folder {run_dir.name} exists"
                     )
                     return
                 shutil.rmtree(run_dir)  # this job's own folder from a start that never wrote config.json
             argv = [*job.argv, "--out", str(run_dir.parent), "--name", run_dir.name]
         argv += ["--quiet", "--threads", str(self.threads)]
-        try:
-            handle = self.launcher.start(argv, self.log_path(job.id))
-        except Exception as exc:  # noqa: BLE001 - the job fails, the server goes on
-            self.store.update(job.id, state=FAILED, finished=time.time(), error=f"cannot start: {exc}")
-            return
-        self.handles[job.id] = handle
-        self.store.update(
-            job.id, state=RUNNING, started=time.time(), finished=None, starts=job.starts + 1, exit_code=None
-        )
+        self.handles[job.id] = self.launcher.start(argv, self.log_path(job.id))
         logger.info("job %d started (%s)", job.id, "resumed" if argv[0] == "--resume" else "new")
 
     def _finish(self, job: Job, code: int | None, requeue: bool = False) -> None:
