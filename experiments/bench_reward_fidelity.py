@@ -263,7 +263,7 @@ def correlations(
     for name, group in scores.groupby("candidate", sort=False):
         group = group.set_index("strategy").loc[refs.index]
         x, y = group["score"].to_numpy(), refs.to_numpy()
-        boot_s, boot_k = [], []
+        boot_s, boot_k = [np.nan], [np.nan]
         for _ in range(resamples):
             i = rng.integers(0, len(x), len(x))
             if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
@@ -272,12 +272,31 @@ def correlations(
         rows.append({
             "candidate": name,
             "Spearman": stats.spearmanr(x, y).statistic,
-            "95% CI": f"{np.nanpercentile(boot_s, 2.5):.2f} – {np.nanpercentile(boot_s, 97.5):.2f}",
+            "Spearman 95% CI": f"{np.nanpercentile(boot_s, 2.5):.2f} – {np.nanpercentile(boot_s, 97.5):.2f}",
             "Kendall": stats.kendalltau(x, y).statistic,
-            "95% CI ": f"{np.nanpercentile(boot_k, 2.5):.2f} – {np.nanpercentile(boot_k, 97.5):.2f}",
+            "Kendall 95% CI": f"{np.nanpercentile(boot_k, 2.5):.2f} – {np.nanpercentile(boot_k, 97.5):.2f}",
             "s / eval": group["seconds"].mean(),
         })  # fmt: skip
     return pd.DataFrame(rows).sort_values("Spearman", ascending=False)
+
+
+def with_combinations(scores: pd.DataFrame, refs: pd.Series, top: int = 4) -> pd.DataFrame:
+    """``scores`` plus pairs of the ``top`` best single candidates (by Spearman): a pair scores a
+    strategy by the mean of its two ranks; its seconds are the sum (an upper bound when both come
+    from one evaluation)."""
+    ranked = correlations(scores, refs, 0, np.random.default_rng(0))["candidate"].tolist()[:top]
+    wide = scores.pivot(index="strategy", columns="candidate", values="score").loc[refs.index]
+    seconds = scores.groupby("candidate")["seconds"].mean()
+    extra = []
+    for i, a in enumerate(ranked):
+        for b in ranked[i + 1 :]:
+            score = (wide[a].rank() + wide[b].rank()) / 2
+            extra += [
+                {"strategy": k, "candidate": f"ranks of [{a}] + [{b}]", "score": v,
+                 "seconds": seconds[a] + seconds[b]}
+                for k, v in score.items()
+            ]  # fmt: skip
+    return pd.concat([scores, pd.DataFrame(extra)], ignore_index=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,7 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     scored = scored[scored["ranks"].isin(by_name)].assign(strategy=lambda f: f["ranks"].map(by_name))
     scored = scored.drop_duplicates(["strategy", "candidate"], keep="first")
     reference_acc = pd.Series({s.name: refs.loc[s.ranks, "test_acc"] for s in strategies})
-    table = correlations(scored, reference_acc, args.bootstrap, np.random.default_rng(0))
+    scored = scored[["strategy", "candidate", "score", "seconds"]]
+    table = correlations(with_combinations(scored, reference_acc), reference_acc, args.bootstrap,
+                         np.random.default_rng(0))  # fmt: skip
+    per_strategy = pd.DataFrame({
+        "strategy": [s.name for s in strategies],
+        "FLOP ratio": [env.flops_ratio(s.plans) for s in strategies],
+        "reference test acc": reference_acc.to_numpy(),
+        "today's reward": [scored.set_index(["strategy", "candidate"]).loc[(s.name, TODAY), "score"]
+                           for s in strategies],
+    })  # fmt: skip
     lines = [
         *session.header(
             f"Reward fidelity ({args.model}, {recording.DATASETS[args.dataset]}, --flops {args.flops:g})",
@@ -347,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         f"test accuracy {reference_acc.min():.4f} – {reference_acc.max():.4f}",
         "",
         recording.markdown(table, digits=3),
+        "",
+        "Per strategy:",
+        "",
+        recording.markdown(per_strategy, digits=4),
     ]
     recording.publish("\n".join(lines) + "\n", append=not args.no_append)
     return 0

@@ -282,6 +282,48 @@ def test_bench_reward_noise(
     assert "- 1 steps: " in section and " of 2 seeds (order by mean: " in section
 
 
+def test_bench_reward_fidelity(
+    script: Callable[[str], ModuleType],
+    single_thread: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--dataset", "digits", "--model", "tiny", "--strategies", "5", "--reference-epochs", "0.1"]
+    argv += ["--results", str(tmp_path), "--bootstrap", "20", "--device", "cpu", "--no-append"]
+    bench = script("bench_reward_fidelity")
+    assert bench.main([*argv, "--phase", "references", "--max-new-references", "2"]) == 0
+    printed = capsys.readouterr().out
+    priced = [line for line in printed.splitlines() if line.startswith("reference ")]
+    assert len(priced) == 2 and "2 of 5 references stored" in printed
+    assert bench.main(argv) == 0  # the other 3 references, then every candidate
+    printed = capsys.readouterr().out
+    assert len([line for line in printed.splitlines() if line.startswith("reference ")]) == 3
+    section = _section(printed, "Reward fidelity (tiny, digits, --flops 0.5)")
+    table, per_strategy = _tables(section)
+    assert list(table.columns) == [
+        "candidate",
+        "Spearman",
+        "Spearman 95% CI",
+        "Kendall",
+        "Kendall 95% CI",
+        "s / eval",
+    ]
+    assert "bn+10 steps, 1000 val (today)" in set(table["candidate"])
+    assert any(name.startswith("ranks of [") for name in table["candidate"])
+    assert list(per_strategy["strategy"][:4]) == ["uniform", "energy", "vbmf", "alds"]
+    references = pd.read_csv(tmp_path / "reward-fidelity-references.csv")
+    assert len(references) == 5 and references["ranks"].is_unique
+    assert bench.main(argv) == 0  # everything reused: nothing priced again
+    assert not [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith(("reference ", "candidates "))
+    ]
+    assert len(pd.read_csv(tmp_path / "reward-fidelity-candidates.csv")) == len(
+        pd.read_csv(tmp_path / "reward-fidelity-candidates.csv").drop_duplicates(["ranks", "candidate"])
+    )
+
+
 def test_bench_decompose(
     script: Callable[[str], ModuleType],
     single_thread: None,

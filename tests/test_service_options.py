@@ -45,6 +45,7 @@ def test_options_become_the_commands_arguments(tmp_path: Path) -> None:
         ({"flops": float("inf")}, "finite"),
         ({"data_aware": "yes"}, "true or false"),
         ({"episodes": [1, 2]}, "one value"),
+        ({"exclude": {"a": 1}}, "one value"),
         ({"train_budgets": []}, "non-empty list"),
         ({"decomposition": "magic"}, "--decomposition"),
         ({"stages": 2, "latency_budget": 0.8}, "--latency works with one stage"),

@@ -114,7 +114,7 @@ def _arguments(field: Any, default: Any, value: Any, key: str) -> list[str]:
         if not isinstance(value, bool):
             raise JobOptionError(f"'{key}' takes true or false, got {value!r}")
         return [flag] if value != default else []
-    if isinstance(value, bool) or isinstance(value, (dict, list)) and not _is_list_option(field):
+    if isinstance(value, (bool, dict)) or isinstance(value, list) and "list[" not in str(field.type):
         raise JobOptionError(f"'{key}' takes one value, got {value!r}")
     if isinstance(value, list):
         if not value or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
@@ -123,10 +123,6 @@ def _arguments(field: Any, default: Any, value: Any, key: str) -> list[str]:
     if isinstance(value, float) and not math.isfinite(value):
         raise JobOptionError(f"'{key}' must be finite, got {value!r}")
     return [flag, str(value)]
-
-
-def _is_list_option(field: Any) -> bool:
-    return field.type in ("list[float] | None", "list[str] | None") or "list[" in str(field.type)
 
 
 def _one_line(message: str, prog: str) -> str:
