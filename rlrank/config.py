@@ -32,6 +32,7 @@ BUDGET = "budget and decomposition"
 SEARCH = "search"
 REWARD = "reward: the cheap fine-tune of every episode"
 TRAINING = "training"
+ADMM = "low-rank-aware training (ADMM)"
 STAGES = "multi-stage compression"
 POLICY = "policy reuse"
 PARALLEL = "parallel episodes (Ray)"
@@ -282,6 +283,29 @@ class SearchConfig:
         type=weight,
         help="weight of distillation from the dense model in the stage and final fine-tunes, 0 = off; "
         "on by default since it measurably helps (experiments/RESULTS.md)",
+    )
+    # low-rank-aware training
+    admm_epochs: float = option(
+        0.0,
+        resume_safe=True,
+        group=ADMM,
+        type=epochs,
+        help="after the search, train the model this many epochs with ADMM toward the chosen ranks, "
+        "then decompose it (the decomposition then loses little) and fine-tune; 0 = off",
+    )
+    admm_rho: float = option(
+        1e-3,
+        resume_safe=True,
+        group=ADMM,
+        type=positive_float,
+        help="initial weight rho of the ADMM term, applied as a decoupled step: the fraction of the way "
+        "to the rank-constrained weights each optimizer step moves a layer (at most 0.5)",
+    )
+    admm_rho_growth: float = option(
+        3.0, resume_safe=True, group=ADMM, type=positive_float, help="factor rho grows by per ADMM epoch"
+    )
+    admm_updates: int = option(
+        4, resume_safe=True, group=ADMM, type=positive, help="ADMM Z / U updates per epoch"
     )
     # multi-stage
     stages: int = option(1, group=STAGES, type=positive, help="search -> decompose -> fine-tune stages")

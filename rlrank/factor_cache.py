@@ -51,6 +51,8 @@ class FactorCache:
             then the leading eigenvectors of that covariance rather than of the weights, which
             keeps the directions the layer's responses actually use (Zhang et al., 2016); the rest
             of the factorization is fitted to the weights. HOOI is skipped for those layers.
+        weights: Per layer, a dense weight to factorize instead of the layer's own (ADMM projects
+            ``W + U`` this way, :mod:`rlrank.admm`).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class FactorCache:
         cp_iters: int = 50,
         seed: int = 0,
         output_covariances: Mapping[str, torch.Tensor] | None = None,
+        weights: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.decomposition = check_decomposition(decomposition)
         self.settings = FactorSettings(hooi_iters=hooi_iters, cp_iters=cp_iters, seed=seed)
@@ -72,9 +75,12 @@ class FactorCache:
             for name, layer in self.layers.items():
                 module = model.get_submodule(name)
                 bias = effective_bias(module)
+                weight = (
+                    weights[name] if weights is not None and name in weights else effective_weight(module)
+                )
                 self._entries[name] = LayerWeights(
                     layer=layer,
-                    weight=effective_weight(module).detach().to("cpu", torch.float64).clone(),
+                    weight=weight.detach().to("cpu", torch.float64).clone(),
                     bias=None if bias is None else bias.detach().to("cpu", torch.float64).clone(),
                     covariance=covariances.get(name),
                 )

@@ -13,6 +13,7 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -200,8 +201,10 @@ def train_epochs(
     teacher: nn.Module | None = None,
     desc: str = "training",
     progress: bool = True,
+    after_step: Callable[[int], None] | None = None,
 ) -> float:
-    """Train for ``config.epochs`` epochs with a one-cycle schedule; returns the last epoch's mean loss.
+    """Train for ``config.epochs`` epochs with a one-cycle schedule; returns the last epoch's mean loss
+    (``after_step(step)`` is called after every optimizer step, e.g. ADMM's decoupled pull).
 
     Raises:
         NumericalFault: The loss became non-finite.
@@ -242,6 +245,8 @@ def train_epochs(
         loss.backward()
         optimizer.step()
         schedule.step()
+        if after_step is not None:
+            after_step(step)
         if step % steps_per_epoch == 0:
             running, seen = 0.0, 0
         running += value

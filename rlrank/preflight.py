@@ -78,6 +78,9 @@ def validate(config: SearchConfig) -> None:
             )
     number("--noise", config.noise, 0.0)
     number("--distill", config.distill, 0.0, 1.0)
+    number("--admm-epochs", config.admm_epochs, 0.0)
+    number("--admm-rho", config.admm_rho, 0.0, low_open=True)
+    number("--admm-rho-growth", config.admm_rho_growth, 1.0)
     for name in ("finetune_lr", "dense_lr", "final_lr"):
         number(f"--{name.replace('_', '-')}", getattr(config, name), 0.0, low_open=True)
     if config.val_size is not None:

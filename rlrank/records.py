@@ -99,6 +99,10 @@ class StageResult:
     finetune_seconds: float
     finetune_epochs: float
     time_per_episode: dict[str, float]
+    decomposition_error: float | None = None
+    """Mean over the decomposed layers of ``||W - proj_r(W)|| / ||W||`` when they were decomposed."""
+    admm_epochs: float = 0.0
+    decomposition_error_before_admm: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlrank.admm import AdmmConfig, admm_layers, admm_train, decomposition_errors
 from rlrank.agents.base import Agent
 from rlrank.agents.registry import AgentContext, agent_spec, make_agent
 from rlrank.agents.selectors import Spectra, rule_ratios
@@ -38,6 +39,7 @@ from rlrank.finetune import (
     reestimate_bn,
     train_epochs,
 )
+from rlrank.layers import LayerInfo
 from rlrank.model_file import load, save
 from rlrank.planning import LayerPlan, searched_layers
 from rlrank.preflight import Setup
@@ -153,9 +155,17 @@ def run_stage(
     assert env.flops_ratio(plans) <= budget + 1e-9, "the chosen strategy exceeds the budget"
     _write_best_strategy(stage_dir / BEST_STRATEGY_FILE, best, plans, env, config)
     start = time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed + 7919 * k)
+    errors = decomposition_errors(cache, plans)
+    error_before_admm = None
+    admm_epochs = config.admm_epochs if admm_layers(model, plans) else 0.0
+    if config.admm_epochs > 0 and not admm_epochs:
+        logger.info("stage %d: no dense layer left to train with ADMM; decomposing directly", k)
+    if admm_epochs > 0:
+        model, cache = _admm(setup, model, dense_model, layers, steps, plans, generator, k, progress)
+        error_before_admm, errors = errors, decomposition_errors(cache, plans)
     compressed = decompose_model(model, plans, cache)
     del cache, pool
-    generator = torch.Generator().manual_seed(config.seed + 7919 * k)
     reestimate_bn(compressed, data, max(config.bn_batches, 1) * 4, config.batch_size, generator)
     epochs = config.final_epochs if last else config.stage_epochs
     if epochs > 0:
@@ -197,10 +207,55 @@ def run_stage(
         finetune_seconds=finetune_seconds,
         finetune_epochs=epochs,
         time_per_episode=_mean_times(rows),
+        decomposition_error=_mean(errors),
+        admm_epochs=admm_epochs,
+        decomposition_error_before_admm=_mean(error_before_admm),
     )
     write_json(stage_dir / STAGE_RESULT_FILE, result.to_dict())
     logger.info("stage %d: val accuracy %.4f at %.3f of the FLOPs", k, val_acc, result.flops_ratio)
     return compressed, result
+
+
+def _admm(
+    setup: Setup,
+    model: nn.Module,
+    dense_model: nn.Module,
+    layers: list[LayerInfo],
+    steps: list[LayerInfo],
+    plans: list[LayerPlan],
+    generator: torch.Generator,
+    k: int,
+    progress: bool,
+) -> tuple[nn.Module, FactorCache]:
+    """``--admm-epochs``: the stage's model trained toward the chosen ranks, and its factor cache."""
+    config = setup.config
+    admm = AdmmConfig(
+        rho=config.admm_rho,
+        rho_growth=config.admm_rho_growth,
+        updates=config.admm_updates,
+        hooi_iters=config.hooi_iters,
+        seed=config.seed,
+    )
+    train = TrainConfig(
+        epochs=config.admm_epochs, lr=config.final_lr, batch_size=config.batch_size, distill=config.distill
+    )
+    try:
+        trained = admm_train(
+            model, layers, plans, admm, train, setup.data, generator, config.decomposition,
+            teacher=dense_model if config.distill > 0 else None, desc=f"ADMM training, stage {k}",
+            progress=progress,
+        )  # fmt: skip
+    except NumericalFault as exc:
+        raise NumericalFault(
+            f"the ADMM training of stage {k} diverged ({exc}); resume with a lower --final-lr or "
+            f"--admm-rho; the search is kept"
+        ) from exc
+    cache = FactorCache(trained, steps, config.decomposition, hooi_iters=config.hooi_iters, seed=config.seed)
+    return trained, cache
+
+
+def _mean(errors: dict[str, float] | None) -> float | None:
+    return sum(errors.values()) / len(errors) if errors else None
 
 
 def _cost_and_spectra(
