@@ -3,6 +3,7 @@ files it holds. Reads the folder as ``rlrank-analyze`` does (complete, being wri
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import pandas as pd
 
 from rlrank.analysis.runs import AnalysisError, load_episodes, read_run
 from rlrank.run_folder import CONFIG_FILE, EPISODES_FILE, LOCK_FILE, REPORT_FILE, read_json
+
+logger = logging.getLogger(__name__)
 
 MAX_ARTIFACTS = 500
 
@@ -94,9 +97,12 @@ def result(run_dir: Path) -> dict[str, Any] | None:
 
 def episodes(run_dir: Path) -> pd.DataFrame:
     """The job's episode frame (:func:`rlrank.analysis.load_episodes`); empty before the first row."""
-    if not has_run(run_dir):
-        return load_episodes([])
-    return load_episodes(run_dir)
+    if has_run(run_dir):
+        try:
+            return load_episodes(run_dir)
+        except AnalysisError as exc:  # a damaged log: the status says so, the episodes are empty
+            logger.warning("cannot read the episodes of %s: %s", run_dir, exc)
+    return load_episodes([])
 
 
 def artifacts(run_dir: Path) -> list[dict[str, Any]]:
