@@ -51,9 +51,8 @@ from rlrank.finetune import (
     reestimate_bn,
     train_epochs,
 )
-from rlrank.planning import LayerPlan, is_compressible
-from rlrank.preflight import Setup, prepare
-from rlrank.search import build_parser, config_from_args
+from rlrank.planning import LayerPlan
+from rlrank.preflight import Setup
 from rlrank.search_loop import play_actions
 from rlrank.stage import rule_strategy
 from rlrank.surgery import decompose_model
@@ -304,15 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     session = recording.Session(argv)
     cli = recording.cifar_search_args(args.model, 10, 1000, dataset=args.dataset)
-    config = config_from_args(
-        build_parser().parse_args([*cli, "--flops", str(args.flops), "--device", args.device])
-    )
-    setup = prepare(config)
-    steps = [layer for layer in setup.layers if is_compressible(layer, config.decomposition)]
-    cache = FactorCache(setup.model, steps, config.decomposition, seed=0)
-    cache.prepare_all(progress=False)
-    env = RankSearchEnv(setup.layers, None, budget=args.flops, decomposition=config.decomposition,
-                        min_ratio=config.min_ratio)  # fmt: skip
+    priced = recording.priced_setup(cli, args.flops, args.device)
+    config, setup, cache, env = priced.config, priced.setup, priced.cache, priced.env
     strategies = make_strategies(env, cache, config.min_ratio, args.strategies)
     tag = f"{args.dataset}-{args.model}-{args.flops:g}-{args.reference_epochs:g}ep"
     ref_path = args.results / "reward-fidelity-references.csv"

@@ -28,13 +28,8 @@ import time
 import pandas as pd
 import recording
 
-from rlrank.envs import RankSearchEnv
-from rlrank.factor_cache import FactorCache
 from rlrank.finetune import FinetuneConfig
-from rlrank.planning import is_compressible
-from rlrank.preflight import prepare
 from rlrank.reward import RewardEvaluator
-from rlrank.search import build_parser, config_from_args
 from rlrank.stage import rule_strategy
 
 
@@ -58,16 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     cli = recording.cifar_search_args(
         args.model, max(args.steps), args.reward_val_images, dataset=args.dataset
     )
-    config = config_from_args(
-        build_parser().parse_args([*cli, "--flops", str(args.flops), "--device", args.device])
-    )
-    setup = prepare(config)
-    steps = [layer for layer in setup.layers if is_compressible(layer, config.decomposition)]
-    cache = FactorCache(setup.model, steps, config.decomposition, seed=0)
-    cache.prepare_all(progress=False)
-    env = RankSearchEnv(
-        setup.layers, lambda plans: None, budget=args.flops, decomposition=config.decomposition
-    )
+    priced = recording.priced_setup(cli, args.flops, args.device)
+    config, setup, cache, env = priced.config, priced.setup, priced.cache, priced.env
 
     rewards: dict[tuple[str, int], list[float]] = {}
     seconds = []

@@ -186,6 +186,37 @@ def cifar_search_args(
     ]  # fmt: skip
 
 
+@dataclass
+class Priced:
+    """What the benchmarks that price fixed strategies in one process share: the prepared run, the
+    factor cache of its compressible layers, and an env that plans strategies (and prices none)."""
+
+    config: Any
+    setup: Any
+    cache: Any
+    env: Any
+
+
+def priced_setup(cli: list[str], flops: float, device: str) -> Priced:
+    """Prepare ``rlrank.search`` options ``cli`` at budget ``flops`` and factorize every compressible
+    layer once (torch is imported here, not by this module)."""
+    from rlrank.envs import RankSearchEnv
+    from rlrank.factor_cache import FactorCache
+    from rlrank.planning import is_compressible
+    from rlrank.preflight import prepare
+    from rlrank.search import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args([*cli, "--flops", str(flops), "--device", device]))
+    setup = prepare(config)
+    steps = [layer for layer in setup.layers if is_compressible(layer, config.decomposition)]
+    cache = FactorCache(setup.model, steps, config.decomposition, seed=0)
+    cache.prepare_all(progress=False)
+    env = RankSearchEnv(
+        setup.layers, None, budget=flops, decomposition=config.decomposition, min_ratio=config.min_ratio
+    )
+    return Priced(config, setup, cache, env)
+
+
 def data_args(model: str, dataset: str = "cifar10") -> list[str]:
     """The ``rlrank.search`` options naming the model, its data and its dense weights.
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -180,23 +181,21 @@ def create_app(config: ServiceConfig, store: JobStore, scheduler: Scheduler) -> 
             f.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
             return PlainTextResponse(f.read().decode("utf-8", errors="replace"))
 
-    @app.post("/jobs/{job_id}/cancel")
-    def cancel(job_id: int) -> dict[str, Any]:
+    def change(job_id: int, action: Callable[[int], None]) -> dict[str, Any]:
         get_job(job_id)
         try:
-            scheduler.cancel(job_id)
+            action(job_id)
         except JobStateError as exc:
             raise HTTPException(409, str(exc)) from exc
         return describe(get_job(job_id))
 
+    @app.post("/jobs/{job_id}/cancel")
+    def cancel(job_id: int) -> dict[str, Any]:
+        return change(job_id, scheduler.cancel)
+
     @app.post("/jobs/{job_id}/resume")
     def resume(job_id: int) -> dict[str, Any]:
-        get_job(job_id)
-        try:
-            scheduler.resume(job_id)
-        except JobStateError as exc:
-            raise HTTPException(409, str(exc)) from exc
-        return describe(get_job(job_id))
+        return change(job_id, scheduler.resume)
 
     @app.get("/", response_class=HTMLResponse)
     def dashboard() -> str:
