@@ -324,6 +324,35 @@ def test_bench_reward_fidelity(
     )
 
 
+def test_bench_admm(
+    script: Callable[[str], ModuleType],
+    single_thread: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [
+        "--dataset",
+        "digits",
+        "--model",
+        "tiny",
+        "--flops",
+        "0.5",
+        "--epochs",
+        "1",
+        "--admm-epochs",
+        "0.5",
+    ]
+    argv += ["--admm-rho", "0.05", "--device", "cpu", "--out", str(tmp_path), "--no-append"]
+    assert script("bench_admm").main(argv) == 0
+    section = _section(capsys.readouterr().out, "ADMM before decomposing (tiny, digits)")
+    (table,) = _tables(section)
+    assert list(table["variant"]) == ["decompose + fine-tune", "ADMM + decompose + fine-tune"]
+    plain, admm = (float(v) for v in table["decomposition error"])
+    assert admm < plain and table["error before ADMM"][0] in ("", "nan")
+    assert script("bench_admm").main(argv) == 0  # complete runs are reused, not run again
+    assert "plain-0.5: " not in capsys.readouterr().out
+
+
 def test_bench_decompose(
     script: Callable[[str], ModuleType],
     single_thread: None,
