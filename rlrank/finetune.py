@@ -202,9 +202,13 @@ def train_epochs(
     desc: str = "training",
     progress: bool = True,
     after_step: Callable[[int], None] | None = None,
+    keep_best: Split | None = None,
 ) -> float:
-    """Train for ``config.epochs`` epochs with a one-cycle schedule; returns the last epoch's mean loss
-    (``after_step(step)`` is called after every optimizer step, e.g. ADMM's decoupled pull).
+    """Train for ``config.epochs`` epochs with a one-cycle schedule; returns the last epoch's mean loss.
+
+    ``after_step(step)`` is called after every optimizer step (e.g. ADMM's decoupled pull). With
+    ``keep_best`` (a validation split), the model is evaluated on it after every epoch and at the
+    end (shown in the progress bar, logged), and ends with the weights of its best epoch.
 
     Raises:
         NumericalFault: The loss became non-finite.
@@ -232,6 +236,7 @@ def train_epochs(
     model.train()
     running, seen, first = 0.0, 0, None
     bar = tqdm(range(total_steps), desc=desc, unit="step", disable=not progress, leave=False)
+    best = _BestEpoch(model, data, keep_best) if keep_best is not None else None
     for step in bar:
         images, labels = next(stream)
         teacher_logits = None
@@ -252,9 +257,42 @@ def train_epochs(
         running += value
         seen += 1
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{running / seen:.3f}")
+            bar.set_postfix(loss=f"{running / seen:.3f}", **best.postfix() if best else {})
+        if best is not None and ((step + 1) % steps_per_epoch == 0 or step + 1 == total_steps):
+            best.measure((step + 1) / steps_per_epoch)
     check_finite(model)
+    if best is not None:
+        best.restore()
     return running / max(seen, 1)
+
+
+class _BestEpoch:
+    """Validation accuracy after every epoch of a training run, and the weights of the best one."""
+
+    def __init__(self, model: nn.Module, data: DataSplits, val: Split) -> None:
+        self.model, self.data, self.val = model, data, val
+        self.accuracies: list[tuple[float, float]] = []
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def measure(self, epoch: float) -> None:
+        accuracy, _ = evaluate(self.model, self.data, self.val)
+        logger.info("epoch %.3g: val accuracy %.4f", epoch, accuracy)
+        if not self.accuracies or accuracy > max(a for _, a in self.accuracies):
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        self.accuracies.append((epoch, accuracy))
+
+    def postfix(self) -> dict[str, str]:
+        return {"val": f"{self.accuracies[-1][1]:.4f}"} if self.accuracies else {}
+
+    def restore(self) -> None:
+        """Put the best epoch's weights back when a later epoch was worse."""
+        epoch, accuracy = max(self.accuracies, key=lambda item: item[1])
+        if self.best_state is not None and accuracy > self.accuracies[-1][1]:
+            self.model.load_state_dict(self.best_state)
+            logger.info(
+                "kept the weights of epoch %.3g (val accuracy %.4f; the last epoch's: %.4f)",
+                epoch, accuracy, self.accuracies[-1][1],
+            )  # fmt: skip
 
 
 @torch.no_grad()

@@ -182,6 +182,7 @@ def run_stage(
                 teacher=teacher,
                 desc=f"fine-tuning stage {k}",
                 progress=progress,
+                keep_best=data.val,
             )
         except NumericalFault as exc:
             raise NumericalFault(

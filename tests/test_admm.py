@@ -160,3 +160,35 @@ def test_bad_admm_options_are_refused(capsys) -> None:
     ):
         assert main([*bad, "--dry-run"]) == 2
         assert "--admm" in capsys.readouterr().err
+
+
+def test_the_final_fine_tune_keeps_its_best_epoch(caplog) -> None:
+    """After every epoch the model is scored on validation; a last epoch that made it worse is undone."""
+    import logging
+
+    from rlrank.data import DataConfig, load_data
+    from rlrank.finetune import TrainConfig, evaluate, train_epochs
+    from rlrank.models import ModelSpec, build_model
+
+    data = load_data(DataConfig("digits", val_size=0.2, seed=0))
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("tiny", data.num_classes, data.in_channels, data.input_size))
+    steps_per_epoch = -(-len(data.train) // 64)
+    total = 3 * steps_per_epoch
+
+    def spoil_at_the_end(step: int) -> None:
+        if step == total - 1:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(0.0)
+
+    caplog.set_level(logging.INFO, logger="rlrank.finetune")
+    train_epochs(
+        model, data, TrainConfig(epochs=3, lr=0.05, batch_size=64), torch.Generator().manual_seed(0),
+        progress=False, after_step=spoil_at_the_end, keep_best=data.val,
+    )  # fmt: skip
+    measured = [float(r.getMessage().rsplit(" ", 1)[1]) for r in caplog.records if "val accuracy" in r.getMessage()
+                and r.getMessage().startswith("epoch")]  # fmt: skip
+    assert len(measured) == 3 and measured[-1] < max(measured)
+    assert evaluate(model, data, data.val)[0] == pytest.approx(max(measured), abs=1e-4)
+    assert any("kept the weights of epoch" in r.getMessage() for r in caplog.records)
