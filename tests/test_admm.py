@@ -1,5 +1,6 @@
 """Low-rank-aware training (ADMM): the projection is the factor cache's truncation, ADMM drives the
-weights onto the chosen ranks, and ``--admm-epochs`` works in a search with every method and stage."""
+weights onto the chosen ranks, ``--admm-epochs`` works in a search with every method and stage; the
+fine-tune after a stage keeps its best epoch."""
 
 from __future__ import annotations
 
