@@ -389,7 +389,8 @@ def test_a_real_full_filesystem(tmp_path, dense):
         pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
     try:
         args = [*FAST, "--episodes", "4", "--warmup", "1", "--checkpoint", str(dense), "--out", str(mount)]
-        args += ["--threads", "1"]  # no busy-machine warning on a loaded test machine: the one line is the error
+        # one thread: no busy-machine warning on a loaded test machine, so the one line is the error
+        args += ["--threads", "1"]
         done = subprocess.run([sys.executable, "-m", "rlrank.search", *args], capture_output=True, text=True)
         assert done.returncode == 1, done.stderr
         lines = done.stderr.strip().splitlines()
