@@ -90,16 +90,24 @@ def rank_projections(
         }
 
 
-def decomposition_errors(cache: FactorCache, plans: Sequence[LayerPlan]) -> dict[str, float]:
+def decomposition_errors(
+    cache: FactorCache, plans: Sequence[LayerPlan], decomposed: nn.Module | None = None
+) -> dict[str, float]:
     """Per planned layer of ``cache``, ``||W - proj_r(W)|| / ||W||``: what decomposing at the chosen
-    ranks loses of the weight."""
+    ranks loses of the weight. ``decomposed``: the model ``decompose_model`` already built from
+    ``cache`` with ``plans`` (its layers are read instead of being built again)."""
     errors = {}
     with torch.no_grad():
         for plan in plans:
             if plan.dense:
                 continue
             w = cache.entry(plan.name).weight
-            z = cache.build(plan.name, plan.ranks, "cpu", torch.float64).effective_weight()
+            module = (
+                decomposed.get_submodule(plan.name)
+                if decomposed is not None
+                else cache.build(plan.name, plan.ranks, "cpu", torch.float64)
+            )
+            z = effective_weight(module).to("cpu", torch.float64)
             errors[plan.name] = float((w - z).norm() / w.norm().clamp_min(1e-12))
     return errors
 

@@ -156,15 +156,15 @@ def run_stage(
     _write_best_strategy(stage_dir / BEST_STRATEGY_FILE, best, plans, env, config)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed + 7919 * k)
-    errors = decomposition_errors(cache, plans)
     error_before_admm = None
     admm_epochs = config.admm_epochs if admm_layers(model, plans) else 0.0
     if config.admm_epochs > 0 and not admm_epochs:
         logger.info("stage %d: no dense layer left to train with ADMM; decomposing directly", k)
     if admm_epochs > 0:
+        error_before_admm = decomposition_errors(cache, plans)
         model, cache = _admm(setup, model, dense_model, layers, steps, plans, generator, k, progress)
-        error_before_admm, errors = errors, decomposition_errors(cache, plans)
     compressed = decompose_model(model, plans, cache)
+    errors = decomposition_errors(cache, plans, compressed)
     del cache, pool
     reestimate_bn(compressed, data, max(config.bn_batches, 1) * 4, config.batch_size, generator)
     epochs = config.final_epochs if last else config.stage_epochs
