@@ -46,8 +46,8 @@ from rlrank.factor_cache import FactorCache
 from rlrank.finetune import (
     FinetuneConfig,
     TrainConfig,
-    check_loss,
     evaluate,
+    finetune_steps,
     reestimate_bn,
     train_epochs,
 )
@@ -173,7 +173,7 @@ class Candidates:
         model = decompose_model(self.setup.model, plans, self.cache)
         reestimate_bn(model, self.setup.data, config.bn_batches, config.batch_size, generator)
         if config.steps:
-            _steps(model, self.setup, config, generator, self.setup.model if distill else None)
+            finetune_steps(model, self.setup.data, config, generator, self.setup.model if distill else None)
         return model
 
     @torch.no_grad()
@@ -214,34 +214,6 @@ def _layer_inputs(model: torch.nn.Module, names: list[str], images: torch.Tensor
     for h in hooks:
         h.remove()
     return captured
-
-
-def _steps(
-    model: torch.nn.Module, setup: Setup, config: FinetuneConfig, generator: torch.Generator,
-    teacher: torch.nn.Module | None,
-) -> None:  # fmt: skip
-    """The reward's SGD steps (as :func:`rlrank.finetune.finetune_steps`), with cross-entropy or,
-    given a ``teacher``, distillation (weight 0.5, temperature 4)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)  # fmt: skip
-    model.train()
-    stream = setup.data.endless_batches(setup.data.train, config.batch_size, generator, augment=True)
-    first = None
-    for step in range(config.steps):
-        images, labels = next(stream)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-        if teacher is not None:
-            with torch.no_grad():
-                teacher.eval()
-                soft_target = F.softmax(teacher(images) / 4, 1)
-            soft = F.kl_div(F.log_softmax(logits / 4, 1), soft_target, reduction="batchmean") * 16
-            loss = 0.5 * loss + 0.5 * soft
-        value = check_loss(loss, first, step, "fine-tune")
-        first = value if first is None else first
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
 
 
 def _read(path: Path) -> pd.DataFrame:

@@ -165,9 +165,16 @@ def reestimate_bn(
 
 
 def finetune_steps(
-    model: nn.Module, data: DataSplits, config: FinetuneConfig, generator: torch.Generator
+    model: nn.Module,
+    data: DataSplits,
+    config: FinetuneConfig,
+    generator: torch.Generator,
+    teacher: nn.Module | None = None,
+    distill: float = 0.5,
+    temperature: float = 4.0,
 ) -> float:
-    """``config.steps`` SGD steps on augmented training batches; returns the mean loss.
+    """``config.steps`` SGD steps on augmented training batches; returns the mean loss (with a
+    ``teacher``: cross-entropy and distillation mixed as in :func:`train_epochs`).
 
     Raises:
         NumericalFault: The loss or the weights became non-finite.
@@ -177,12 +184,18 @@ def finetune_steps(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
+    if teacher is not None:
+        teacher.eval()
     model.train()
     stream = data.endless_batches(data.train, config.batch_size, generator, augment=True)
     total, first = 0.0, None
     for step in range(config.steps):
         images, labels = next(stream)
-        loss = F.cross_entropy(model(images), labels)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(images)
+        loss = _loss(model(images), labels, teacher_logits, distill, temperature)
         value = check_loss(loss, first, step, "fine-tune")
         first = value if first is None else first
         optimizer.zero_grad(set_to_none=True)
