@@ -143,7 +143,7 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self._tick()
-            except Exception:  # keep the queue alive; the job in question is marked failed
+            except Exception:  # keep the queue alive (a job that cannot start is failed in _tick)
                 logger.exception("scheduler step failed")
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
@@ -214,10 +214,7 @@ class Scheduler:
         if code == 0:
             state, error = DONE, None
         elif code == EXIT_INTERRUPTED or job.cancel_requested:
-            state, error = (
-                CANCELLED,
-                "cancelled; POST /jobs/{id}/resume continues it".replace("{id}", str(job.id)),
-            )
+            state, error = CANCELLED, f"cancelled; POST /jobs/{job.id}/resume continues it"
         else:
             state, error = FAILED, self._error_line(job.id, code)
         self.store.update(
