@@ -100,7 +100,11 @@ class RankSearchEnv(gym.Env):
     is the smallest ratio that still lets the episode spend its whole budget with every later layer
     at its largest ratio, so no episode wastes budget either: the agent decides how the budget is
     shared between layers, not how much of it to use (a measured improvement over AMC's single
-    wall for accuracy rewards, see ``experiments/RESULTS.md``). The ratio picks integer ranks
+    wall for accuracy rewards, see ``experiments/RESULTS.md``). With relative actions and
+    ``reserve`` > 0 the upper wall also keeps every later layer at ``reserve`` times its ratio in the
+    episode's center strategy (the uniform or rule strategy at the episode's budget): without it,
+    early layers that overspend leave the debt to the last layers, which the walls then squeeze to
+    ``min_ratio`` (the last large convolution absorbing every overspend). The ratio picks integer ranks
     through :func:`rlrank.planning.ratio_to_ranks`; a ratio whose factorization would not save
     MACs leaves the layer dense.
 
@@ -149,6 +153,8 @@ class RankSearchEnv(gym.Env):
     * ``reward``: ``acc`` or ``acc-logflops``.
     * ``total_params``: parameters of the dense model (default: those of the layers).
     * ``fill_budget``: clip ratios from below too, so that every episode uses its budget.
+    * ``reserve``: with relative actions, the fraction of its center ratio that the upper wall keeps
+      for every later layer (0: only ``min_ratio``, AMC's wall).
     * ``action_mode``: ``relative`` (actions scale the fair ratio) or ``absolute`` (AMC's mapping).
     * ``exclude``: shell-style globs of layer names that stay as they are (fixed costs, not steps).
     * ``allow_dense``: let a layer stay dense when its ratio saves nothing; ``False`` gives it the
@@ -174,6 +180,7 @@ class RankSearchEnv(gym.Env):
         total_params: int | None = None,
         allow_dense: bool = True,
         fill_budget: bool = True,
+        reserve: float = 0.0,
         action_mode: str = "relative",
         exclude: Sequence[str] | None = None,
         latency_table: LatencyTable | None = None,
@@ -187,6 +194,9 @@ class RankSearchEnv(gym.Env):
         self.action_mode = action_mode
         if not 0.0 < min_ratio <= 1.0:
             raise ValueError(f"min_ratio must be in (0, 1], got {min_ratio}")
+        if not 0.0 <= reserve <= 1.0:
+            raise ValueError(f"reserve must be in [0, 1], got {reserve}")
+        self.reserve = float(reserve)
         self.layers = list(layers)
         self.evaluator = evaluator
         self.decomposition = check_decomposition(decomposition)
@@ -230,6 +240,7 @@ class RankSearchEnv(gym.Env):
         for b in self.budgets:
             self.check_budget(b)
         self.budget = self.budgets[0]
+        self._reserved = self._reserved_macs()
         self._features = self._static_features()
 
         self.action_space = action_space()
@@ -274,7 +285,7 @@ class RankSearchEnv(gym.Env):
     def wall(self, index: int, spent: float, spent_ms: float = 0.0) -> float:
         """Largest ratio for step ``index`` that keeps the budget reachable (AMC's action wall), and
         the latency budget too when there is one (``spent_ms``: the latency planned so far)."""
-        allowed = self.budget * self.dense_macs - self.fixed_macs - spent - sum(self._min_macs[index + 1 :])
+        allowed = self.budget * self.dense_macs - self.fixed_macs - spent - self._reserved[index + 1]
         layer = self.steps[index]
         wall = max_ratio_within(
             layer,
@@ -286,6 +297,21 @@ class RankSearchEnv(gym.Env):
             self._dense_from[index],
         )
         return wall if self.latency is None else min(wall, self.latency.wall(index, spent_ms))
+
+    def _reserved_macs(self) -> np.ndarray:
+        """MACs the upper wall keeps for steps ``i`` and later (entry ``i``; one entry more, 0):
+        every step at ``min_ratio``, or with a ``reserve``, at that fraction of the center strategy's
+        ratio at the current budget (never below ``min_ratio``, never more than the budget holds)."""
+        macs = np.asarray(self._min_macs, dtype=np.float64)
+        if self.reserve > 0 and self.action_mode == "relative":
+            if self._center is None:
+                center = np.full(len(self.steps), self.fair_ratio(0, 0.0))
+            else:
+                center = self._center_scale(0, 0.0) * self._center
+            kept = np.array([self.plan_step(i, self.reserve * r).macs for i, r in enumerate(center)])
+            if kept.sum() <= self.budget * self.dense_macs - self.fixed_macs:
+                macs = np.maximum(macs, kept)
+        return np.append(np.cumsum(macs[::-1])[::-1], 0.0)
 
     def floor(self, index: int, spent: float, spent_ms: float = 0.0) -> float:
         """Smallest ratio for step ``index`` that still lets the episode use its whole budget with
@@ -329,11 +355,12 @@ class RankSearchEnv(gym.Env):
         """
         if ratios is None:
             self._center = None
-            return
-        center = np.asarray(ratios, dtype=np.float64)
-        if center.shape != (len(self.steps),) or not np.all(center > 0):
-            raise ValueError(f"the center needs one positive ratio per step ({len(self.steps)})")
-        self._center = center
+        else:
+            center = np.asarray(ratios, dtype=np.float64)
+            if center.shape != (len(self.steps),) or not np.all(center > 0):
+                raise ValueError(f"the center needs one positive ratio per step ({len(self.steps)})")
+            self._center = center
+        self._reserved = self._reserved_macs()
 
     def fair_ratio(self, index: int, spent: float, spent_ms: float = 0.0) -> float:
         """The ratio of step ``index`` in the strategy that spends exactly the budget left: the
@@ -345,6 +372,19 @@ class RankSearchEnv(gym.Env):
             g = int(np.searchsorted(self._suffix_macs[index], allowed + 1e-6, side="right")) - 1
             fair = float(self._fair_grid[max(g, 0)])
             return fair if self.latency is None else min(fair, self.latency.fair(index, spent_ms))
+        return float(
+            np.clip(
+                self._center_scale(index, spent, spent_ms) * self._center[index],
+                self._low[index],
+                self._upper[index],
+            )
+        )
+
+    def _center_scale(self, index: int, spent: float, spent_ms: float = 0.0) -> float:
+        """The largest factor scaling the center's ratios of steps ``index`` and later to fit the
+        budget left (and the latency budget)."""
+        assert self._center is not None
+        allowed = self.budget * self.dense_macs - self.fixed_macs - spent
         center = self._center[index:]
         rows = np.arange(index, len(self.steps))
 
@@ -358,7 +398,7 @@ class RankSearchEnv(gym.Env):
         for _ in range(30):  # bisection on the common scale
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return float(np.clip(lo * center[0], self._low[index], self._upper[index]))
+        return lo
 
     def outcome(
         self, plans: Sequence[LayerPlan], evaluation: Evaluation, budget: float
@@ -452,6 +492,7 @@ class RankSearchEnv(gym.Env):
             self.budget = budget
         else:
             self.budget = self.budgets[self._episode % len(self.budgets)]
+        self._reserved = self._reserved_macs()
         self._t = 0
         self._plans = []
         self._prev_ratio = 1.0

@@ -20,7 +20,8 @@ selectors-<scale>.csv`` and appends three Markdown tables to ``experiments/RESUL
 results, the search cost per episode, and the correlation between the cheap-fine-tune reward and
 the accuracy after the final fine-tune.
 
-Presets: ``--scale cpu`` (ResNet-20, sized to finish within 90 minutes on 2 CPU cores) and
+Presets: ``--scale cpu`` (ResNet-20, AMC-length searches of 200 episodes over 3 seeds: about an hour
+per budget on 2 CPU cores, so run one ``--budgets`` per invocation; completed runs are reused) and
 ``--scale gpu`` (ResNet-56, more episodes, full validation rewards, a 10-epoch final fine-tune).
 
 Run from the repository root::
@@ -78,13 +79,13 @@ SCALES = {
         model="resnet20",
         checkpoint="resnet20-jpeg.pt",
         budgets=[0.5, 0.3],
-        episodes=40,
-        warmup=10,
-        finetune_steps=10,
+        episodes=200,
+        warmup=50,
+        finetune_steps=0,
         reward_val_images=1000,
         final_epochs=1.0,
         batch_size=128,
-        seeds=[0, 1],
+        seeds=[0, 1, 2],
     ),
     "gpu": Scale(
         model="resnet56",
@@ -92,7 +93,7 @@ SCALES = {
         budgets=[0.5, 0.3],
         episodes=200,
         warmup=50,
-        finetune_steps=50,
+        finetune_steps=0,
         reward_val_images=0,
         final_epochs=10.0,
         batch_size=128,

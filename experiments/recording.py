@@ -329,7 +329,14 @@ class SearchRun:
         return load_episodes(self.run_dir)
 
 
-def run_search(name: str, args: list[str], out: Path, reuse: bool = True) -> SearchRun:
+def run_search(
+    name: str,
+    args: list[str],
+    out: Path,
+    reuse: bool = True,
+    python: str = sys.executable,
+    cwd: Path | None = None,
+) -> SearchRun:
     """Run ``python -m rlrank.search ARGS --out OUT/NAME --quiet`` and return its report.
 
     Args:
@@ -338,11 +345,13 @@ def run_search(name: str, args: list[str], out: Path, reuse: bool = True) -> Sea
         out: The benchmark's output folder.
         reuse: When ``OUT/NAME`` already holds a complete run, read it instead of running again
             (so that an interrupted benchmark picks up where it stopped).
+        python: The interpreter (another one runs another install of rlrank, e.g. an older commit).
+        cwd: The search's working directory (a checkout there shadows the installed rlrank).
 
     Raises:
         RuntimeError: The search failed; the message names its log file.
     """
-    target = out / name
+    target = (out / name).resolve()
     if reuse:
         done = _complete_run(target)
         if done is not None:
@@ -350,11 +359,11 @@ def run_search(name: str, args: list[str], out: Path, reuse: bool = True) -> Sea
             return SearchRun(name, done, report, float(report.get("wall_seconds", float("nan"))), reused=True)
     target.mkdir(parents=True, exist_ok=True)
     log = out / f"{name}.log"
-    command = [sys.executable, "-m", "rlrank.search", *args, "--out", str(target), "--quiet"]
+    command = [python, "-m", "rlrank.search", *args, "--out", str(target), "--quiet"]
     print(f"[{utc_now()}] {name}: {' '.join(map(shlex.quote, command[1:]))}", flush=True)
     began = time.perf_counter()
     with log.open("w") as handle:
-        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT)
+        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
     wall = time.perf_counter() - began
     done = _complete_run(target)
     if code != 0 or done is None:

@@ -180,12 +180,20 @@ class SearchConfig:
         help="relative: an action scales the ratio that would share the budget left evenly "
         "(0 = uniform); absolute: AMC's linear map onto [min-ratio, 1]",
     )
+    reserve: float = option(
+        0.5,
+        group=BUDGET,
+        type=weight,
+        help="with --action-space relative: the action wall keeps every later layer at least this "
+        "fraction of its ratio in the center strategy, so early overspending cannot squeeze the last "
+        "layers to --min-ratio (0: AMC's wall, later layers only at --min-ratio)",
+    )
     action_center: str = option(
-        "uniform",
+        "alds",
         group=BUDGET,
         choices=("uniform", "energy", "vbmf", "alds"),
         help="with --action-space relative: the strategy that action 0 plays, the uniform one or a "
-        "rule's, rescaled to the budget left at each step",
+        "rule's, rescaled to the budget left at each step (alds: the best rule measured on CIFAR-10)",
     )
     # search
     agent: str = option(
@@ -197,7 +205,7 @@ class SearchConfig:
     episodes: int = option(100, group=SEARCH, type=count, help="episodes (reward evaluations) per stage")
     warmup: int = option(25, group=SEARCH, type=count, help="DDPG warm-up episodes of random actions")
     spread: float = option(
-        1.0,
+        0.25,
         group=SEARCH,
         type=fraction,
         help="random actions (random search, DDPG warm-up) are uniform in [-S, S]",
@@ -209,7 +217,7 @@ class SearchConfig:
         "(action 0: uniform or --action-center's rule), so a search never ends below it; this turns that off",
     )
     noise: float = option(
-        0.5,
+        0.125,
         group=SEARCH,
         type=non_negative_float,
         help="initial std of DDPG's exploration noise after warm-up, in AMC's units (a fraction of the "
@@ -228,7 +236,13 @@ class SearchConfig:
         "acc", group=SEARCH, choices="rlrank.envs:REWARDS", help="acc, or AMC's -error*log(FLOPs)"
     )
     # reward: the cheap fine-tune
-    finetune_steps: int = option(10, group=REWARD, type=count, help="SGD steps after BN re-estimation")
+    finetune_steps: int = option(
+        0,
+        group=REWARD,
+        type=count,
+        help="SGD steps after BN re-estimation (0: BN re-estimation only, the most faithful reward "
+        "measured)",
+    )
     finetune_lr: float = option(
         0.01,
         group=REWARD,
@@ -236,10 +250,15 @@ class SearchConfig:
         help="constant learning rate of the cheap fine-tune's SGD steps",
     )
     finetune_batch_size: int = option(
-        64, group=REWARD, type=positive, help="training images per SGD step of the cheap fine-tune"
+        128,
+        group=REWARD,
+        type=positive,
+        help="training images per BN re-estimation batch and SGD step of the cheap fine-tune",
     )
     bn_batches: int = option(4, group=REWARD, type=count, help="batches re-estimating BatchNorm statistics")
-    reward_val_images: int = option(0, group=REWARD, type=count, help="validation images per reward, 0 = all")
+    reward_val_images: int = option(
+        1000, group=REWARD, type=count, help="validation images per reward (0: all of the split)"
+    )
     # training: dense model (when no checkpoint) and final fine-tune
     dense_epochs: float = option(
         10.0,

@@ -89,13 +89,13 @@ class FinetuneConfig:
         val_images: Validation images the reward is measured on (0: the whole split).
     """
 
-    steps: int = 20
+    steps: int = 0
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    batch_size: int = 64
-    bn_batches: int = 8
-    val_images: int = 0
+    batch_size: int = 128
+    bn_batches: int = 4
+    val_images: int = 1000
 
 
 EXPLOSION = 1e3

@@ -136,6 +136,7 @@ def run_stage(
         allow_dense=config.stages == 1,
         # a rule's strategy is played as its knob made it: absolute ratios, not topped up
         fill_budget=config.fill_budget and not spec.plays_absolute_ratios,
+        reserve=config.reserve,
         action_mode="absolute" if spec.plays_absolute_ratios else config.action_space,
         exclude=config.exclude,
         latency_table=setup.latency_table,

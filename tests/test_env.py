@@ -154,6 +154,41 @@ def test_greedy_agent_is_walled_close_to_budget(resnet20_layers):
     assert min(info["ratios"].values()) >= env.min_ratio - 1e-12
 
 
+def test_reserve_keeps_later_layers_from_absorbing_the_overspend(resnet20_layers):
+    # a greedy agent overspends early; without a reserve the walls squeeze the last layers to
+    # min_ratio, with one every layer keeps at least that fraction of its center ratio
+    greedy = lambda obs: np.ones(1, dtype=np.float32)  # noqa: E731
+    debt = RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.4, reserve=0.0)
+    _, info = play(debt, greedy)
+    center = debt.fair_ratio(0, 0.0)
+    debt_ratios = np.array(list(info["ratios"].values()))[:-1]
+    assert debt_ratios[-1] < 0.2 * center
+    for center_ratios in (None, np.linspace(0.3, 0.9, len(debt.steps))):
+        env = RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.4, reserve=0.5)
+        env.set_center(center_ratios)
+        env.reset()
+        centers = np.array([env.fair_ratio(0, 0.0)] * len(env.steps))
+        if center_ratios is not None:
+            centers = env._center_scale(0, 0.0) * center_ratios
+        _, info = play(env, greedy)
+        ratios = np.array(list(info["ratios"].values()))
+        assert info["flops_ratio"] <= 0.4
+        # up to integer ranks (a rank is 1/16 of a 16-channel layer)
+        assert np.all(ratios[:-1] >= 0.5 * centers[:-1] - 1.0 / 16)
+        assert ratios[0] > centers[0]  # the first layers may still overspend
+    # random actions: the budget holds and the first layers still vary
+    rng = np.random.default_rng(0)
+    env = RankSearchEnv(resnet20_layers, mean_ratio_evaluator, budget=0.3, reserve=1.0)
+    firsts = set()
+    for _ in range(30):
+        _, info = play(env, lambda obs: rng.uniform(-1, 1, size=(1,)).astype(np.float32))
+        assert info["flops_ratio"] <= 0.3
+        firsts.add(round(next(iter(info["ratios"].values())), 3))
+    assert len(firsts) > 5
+    with pytest.raises(ValueError, match="reserve"):
+        RankSearchEnv(resnet20_layers, mean_ratio_evaluator, reserve=1.5)
+
+
 def test_smallest_budget_is_refused_with_the_reachable_minimum(tiny_layers):
     env = RankSearchEnv(tiny_layers, mean_ratio_evaluator, budget=0.5, min_ratio=0.05)
     smallest = env.smallest_budget
