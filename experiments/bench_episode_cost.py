@@ -43,6 +43,7 @@ BEFORE_REWARD = [
 FIDELITY_CANDIDATE = {"before": "bn+10 steps, 1000 val (today)", "after": "bn+0 steps, 1000 val"}
 """Each run's reward as named in the fidelity CSV ("today" there is the reward before this change)."""
 PHASES = ("decompose", "finetune", "evaluate", "agent", "env", "total")
+COST_COLUMNS = [f"{phase}_s" for phase in PHASES]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,7 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--before-python", help="interpreter of the older install (omit: the after run only)")
     p.add_argument("--before-checkout", type=Path, help="the older checkout (the before run's working dir)")
     p.add_argument("--out", type=Path, default=Path("bench-runs/episode-cost"), help="(default: %(default)s)")
-    p.add_argument("--csv", type=Path, default=RESULTS_DIR / "episode-cost.csv", help="(default: %(default)s)")
+    p.add_argument(
+        "--csv", type=Path, default=RESULTS_DIR / "episode-cost.csv", help="(default: %(default)s)"
+    )
     p.add_argument("--no-append", action="store_true", help="print the section instead of appending it")
     return p.parse_args(argv)
 
@@ -131,11 +134,12 @@ def main(argv: list[str] | None = None) -> None:
         f"- per-run CSV: `{shown_csv}`",
         "",
         recording.markdown(
-            table[["label", "episodes", "episodes_per_hour", *[f"{p}_s" for p in PHASES], "fidelity_spearman",
-                   "best_reward"]],
+            table[
+                ["label", "episodes", "episodes_per_hour", *COST_COLUMNS, "fidelity_spearman", "best_reward"]
+            ],
             {"episodes_per_hour": ".0f", "fidelity_spearman": ".3f"},
             digits=3,
-        ),  # fmt: skip
+        ),
     ]
     if len(table) == 2:
         ratio = table["episodes_per_hour"].iloc[1] / table["episodes_per_hour"].iloc[0]

@@ -240,8 +240,7 @@ class SearchConfig:
         0,
         group=REWARD,
         type=count,
-        help="SGD steps after BN re-estimation (0: BN re-estimation only, the most faithful reward "
-        "measured)",
+        help="SGD steps after BN re-estimation (0: BN re-estimation only, the most faithful reward measured)",
     )
     finetune_lr: float = option(
         0.01,
