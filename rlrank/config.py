@@ -192,8 +192,9 @@ class SearchConfig:
         "alds",
         group=BUDGET,
         choices=("uniform", "energy", "vbmf", "alds"),
-        help="with --action-space relative: the strategy that action 0 plays, the uniform one or a "
-        "rule's, rescaled to the budget left at each step (alds: the best rule measured on CIFAR-10)",
+        help="with --action-space relative (ignored with absolute): the strategy that action 0 plays, "
+        "the uniform one or a rule's, rescaled to the budget left at each step (alds: the best rule "
+        "measured on CIFAR-10)",
     )
     # search
     agent: str = option(
@@ -425,6 +426,11 @@ class SearchConfig:
     def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def center(self) -> str:
+        """The action center in effect: ``action_center`` with relative actions; with absolute ones
+        (AMC's mapping, no center) ``uniform``."""
+        return self.action_center if self.action_space == "relative" else "uniform"
 
     def budgets_of_stages(self) -> list[float]:
         """Each stage's FLOP budget (relative to the dense model); the last is ``flops``.

@@ -103,8 +103,6 @@ def validate(config: SearchConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if config.episodes == 0 and not spec.plays_absolute_ratios and not config.policy:
         raise ConfigError("--episodes 0 needs --policy (to roll out a saved policy) or a rule-based agent")
-    if config.action_center != "uniform" and config.action_space != "relative":
-        raise ConfigError("--action-center needs --action-space relative")
     if config.stages < 1:
         raise ConfigError(f"--stages must be >= 1, got {config.stages}")
     if config.checkpoint_every < 1:
@@ -296,7 +294,7 @@ def check_policy(config: SearchConfig) -> str | None:
         config.decomposition,
         config.model,
         config.action_space,
-        config.action_center,
+        config.center(),
     )
     with preserved_random_state():  # building the networks seeds the global generators
         load_policy(config.policy, observation_space(), action_space())

@@ -142,8 +142,8 @@ def run_stage(
         latency_table=setup.latency_table,
         latency_budget=config.latency_budget,
     )
-    if config.action_center != "uniform" and not spec.plays_absolute_ratios:
-        env.set_center(rule_strategy(config.action_center, env, cache, config.min_ratio))
+    if config.center() != "uniform" and not spec.plays_absolute_ratios:
+        env.set_center(rule_strategy(config.center(), env, cache, config.min_ratio))
     agent = make_agent(config.agent, _agent_context(config, env, cache, k))
     pool = open_pool(config, model, cache, data, reward_config)
     try:
@@ -392,7 +392,7 @@ def _policy_metadata(config: SearchConfig, env: RankSearchEnv, episodes: int) ->
         "dataset": config.dataset,
         "decomposition": config.decomposition,
         "action_space": config.action_space,
-        "action_center": config.action_center,
+        "action_center": config.center(),
         "observation_features": list(OBSERVATION_FEATURES),
         "layers": [layer.name for layer in env.steps],
         "budgets": config.train_budgets or [env.budget],

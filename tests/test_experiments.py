@@ -239,6 +239,16 @@ def test_bench_selectors(
     assert list(cost.columns) == COST_COLUMNS
     assert cost["env + agent share"].str.endswith("%").all()
     assert "Too few runs for a reward / final-accuracy correlation." in section
+    # the learning curves of the searched runs (the rule's single episode is left out)
+    plotter = script("plot_learning_curves")
+    curves = plotter.curves(tmp_path / "runs", window=10, min_episodes=2)
+    assert curves[["method", "seed"]].drop_duplicates().values.tolist() == [["random", 0]]
+    assert curves["episode"].tolist() == [0, 1]
+    png = tmp_path / "curves.png"
+    plotter.main(["--runs", str(tmp_path / "runs"), "--out", str(png), "--min-episodes", "2"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no searched run"):
+        plotter.curves(tmp_path / "runs", window=10, min_episodes=20)
 
 
 @pytest.mark.slow
@@ -370,6 +380,25 @@ def test_bench_decompose(
     assert table["model"].tolist() == ["tiny"]
     assert table["speed-up"].str.endswith("x").all()
     assert not results.exists()
+
+
+def test_bench_episode_cost(
+    script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the "before" run by another interpreter: here the same one, in another working directory
+    argv = ["--dataset", "digits", "--model", "tiny", "--episodes", "3", "--out", str(tmp_path / "runs")]
+    argv += ["--csv", str(tmp_path / "cost.csv"), "--no-append"]
+    argv += ["--before-python", sys.executable, "--before-checkout", str(tmp_path)]
+    script("bench_episode_cost").main(argv)
+    section = _section(capsys.readouterr().out, "Episode cost (tiny, digits, --flops 0.5, DDPG)")
+    (table,) = _tables(section)
+    assert table["label"].tolist() == ["before", "after"]
+    assert table["episodes"].tolist() == ["3", "3"]
+    assert "Speed-up: **" in section
+    frame = pd.read_csv(tmp_path / "cost.csv")
+    assert (frame["episodes_per_hour"] > 0).all()
+    assert frame["fidelity_spearman"].between(-1, 1).all()  # read from the stored fidelity CSV
+    assert _complete_runs(tmp_path / "runs") == ["after", "before"]
 
 
 def test_every_script_has_a_smoke_test() -> None:
