@@ -31,12 +31,10 @@ import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3 import DDPG
-from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.logger import Logger
-from stable_baselines3.common.type_aliases import ReplayBufferSamples
-from stable_baselines3.common.utils import update_learning_rate
 
 from rlrank.agents.base import Agent, Transition
+from rlrank.agents.ddpg_model import AMCDDPG, BaselineReplayBuffer
 from rlrank.agents.policy_files import (
     PolicyError,
     read_networks,
@@ -73,6 +71,8 @@ class DDPGConfig:
         credit: ``copy`` (final reward on every step, AMC) or ``bootstrap``.
         baseline_alpha: Step of the reward moving-average baseline (AMC's ``moving_alpha``: 0.5).
         updates_per_step: Gradient updates per transition of a finished episode (AMC: 1).
+        critics: Critics fitted to the same transitions; with more than one the actor maximises
+            their minimum (:mod:`rlrank.agents.ddpg_model`; AMC: 1).
         final_layer_init: The output layers of actor and critic start uniform in
             ``[-final_layer_init, final_layer_init]``, so the first policy actions are near 0 (with
             relative actions: the center strategy) and the first values near 0 (DDPG paper and AMC:
@@ -95,39 +95,21 @@ class DDPGConfig:
     baseline_alpha: float = 0.5
     updates_per_step: int = 1
     final_layer_init: float = 3e-3
+    critics: int = 1
 
     def __post_init__(self) -> None:
         if self.credit not in CREDITS:
             raise ValueError(f"unknown credit {self.credit!r}; known: {', '.join(CREDITS)}")
         if not 0 < self.spread <= 1:
             raise ValueError(f"spread must be in (0, 1], got {self.spread}")
+        if self.critics < 1:
+            raise ValueError(f"critics must be >= 1, got {self.critics}")
         self.hidden = tuple(int(h) for h in self.hidden)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DDPGConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-class BaselineReplayBuffer(ReplayBuffer):
-    """SB3 replay buffer that subtracts a moving reward baseline from every sampled reward."""
-
-    reward_offset: float = 0.0
-
-    def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> ReplayBufferSamples:
-        samples = super()._get_samples(batch_inds, env)
-        return samples._replace(rewards=samples.rewards - self.reward_offset)
-
-
-class _AMCDDPG(DDPG):
-    """SB3's DDPG with AMC's separate actor and critic learning rates."""
-
-    actor_lr: float = 1e-4
-    critic_lr: float = 1e-3
-
-    def _update_learning_rate(self, optimizers: Any) -> None:
-        update_learning_rate(self.actor.optimizer, self.actor_lr)
-        update_learning_rate(self.critic.optimizer, self.critic_lr)
 
 
 class _SpacesOnly(gym.Env):
@@ -206,7 +188,7 @@ class DDPGAgent(Agent):
         self.config = config or DDPGConfig()
         self.seed = seed
         cfg = self.config
-        self.model = _AMCDDPG(
+        self.model = AMCDDPG(
             "MlpPolicy",
             _SpacesOnly(self.observation_space, self.action_space),
             learning_rate=cfg.critic_lr,
@@ -216,7 +198,10 @@ class DDPGAgent(Agent):
             tau=cfg.tau,
             gamma=cfg.gamma,
             replay_buffer_class=BaselineReplayBuffer,
-            policy_kwargs={"net_arch": {"pi": list(cfg.hidden), "qf": list(cfg.hidden)}},
+            policy_kwargs={
+                "net_arch": {"pi": list(cfg.hidden), "qf": list(cfg.hidden)},
+                "n_critics": cfg.critics,
+            },
             seed=self.seed,
             device="cpu",
         )

@@ -37,6 +37,7 @@ class AgentContext:
         noise: DDPG's initial exploration noise (AMC's units).
         noise_decay: DDPG's per-episode noise decay.
         credit: DDPG's credit assignment (``copy`` or ``bootstrap``).
+        critics: DDPG's critics (more than one: the actor maximises their minimum).
         policy: A saved policy to continue (DDPG), or ``None``.
     """
 
@@ -54,6 +55,7 @@ class AgentContext:
     noise: float = 0.5
     noise_decay: float = 0.95
     credit: str = "copy"
+    critics: int = 1
     policy: str | None = None
 
 
@@ -130,6 +132,7 @@ def _ddpg(context: AgentContext) -> Agent:
         noise_init=context.noise,
         noise_decay=context.noise_decay,
         credit=context.credit,
+        critics=context.critics,
     )
     return DDPGAgent(context.observation_space, context.action_space, config, seed=context.seed)
 

@@ -233,6 +233,13 @@ class SearchConfig:
         "to every step (AMC; with gamma 1 that is each step's return) or bootstrap from the next "
         "step's value (plain TD)",
     )
+    critics: int = option(
+        1,
+        group=SEARCH,
+        type=positive,
+        help="DDPG critics fitted to the same episodes; with more than one the actor maximises their "
+        "minimum, so it moves only where they agree (1: AMC)",
+    )
     reward: str = option(
         "acc", group=SEARCH, choices="rlrank.envs:REWARDS", help="acc, or AMC's -error*log(FLOPs)"
     )

@@ -298,6 +298,7 @@ def _agent_context(config: SearchConfig, env: RankSearchEnv, cache: FactorCache,
         noise=config.noise,
         noise_decay=config.noise_decay,
         credit=config.credit,
+        critics=config.critics,
         policy=config.policy,
     )
 

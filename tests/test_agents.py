@@ -112,8 +112,10 @@ def test_output_layers_start_near_zero_as_in_the_ddpg_paper():
     assert max(abs(sb3.policy_action(o)) for o in observations) > 0.02  # stable-baselines3's init
 
 
-def test_ddpg_learns_which_layer_to_keep(tiny_layers):
-    """A synthetic reward that pays for keeping the last layers large: DDPG must beat random."""
+@pytest.mark.parametrize("critics", [1, 2])
+def test_ddpg_learns_which_layer_to_keep(tiny_layers, critics):
+    """A synthetic reward that pays for keeping the last layers large: DDPG must beat random (also
+    with two critics and the actor maximising their minimum)."""
 
     def evaluator(plans):
         weights = np.linspace(0.0, 1.0, len(plans)) ** 2
@@ -121,7 +123,13 @@ def test_ddpg_learns_which_layer_to_keep(tiny_layers):
 
     env = RankSearchEnv(tiny_layers, evaluator, budget=0.4)
     cfg = DDPGConfig(
-        warmup=15, noise_init=0.3, noise_decay=0.9, hidden=(64, 64), actor_lr=1e-3, updates_per_step=4
+        warmup=15,
+        noise_init=0.3,
+        noise_decay=0.9,
+        hidden=(64, 64),
+        actor_lr=1e-3,
+        updates_per_step=4,
+        critics=critics,
     )
     agent = DDPGAgent(env.observation_space, env.action_space, cfg, seed=0)
     rewards = []
@@ -134,6 +142,31 @@ def test_ddpg_learns_which_layer_to_keep(tiny_layers):
     random_mean = np.mean(rewards[: cfg.warmup])
     learned = np.mean(rewards[-10:])
     assert learned > random_mean + 0.05, (random_mean, learned)
+    assert len(agent.model.critic.q_networks) == critics
+
+
+def test_pessimistic_actor_maximises_the_smallest_critic(tiny_layers):
+    """With two critics the actor's loss is minus the smaller of their values (not the first's)."""
+    env = RankSearchEnv(tiny_layers, lambda plans: Evaluation(accuracy=float(plans[-1].ratio)), budget=0.5)
+    agent = DDPGAgent(env.observation_space, env.action_space, DDPGConfig(warmup=1, critics=2), seed=0)
+    for episode in range(3):
+        transitions, reward, _ = run_episode(env, agent, episode)
+        stats = agent.end_episode(transitions, reward, episode)
+    model = agent.model
+    with torch.no_grad():  # make the second critic read 1 lower everywhere: the actor's loss follows it
+        model.critic.q_networks[1][-1].bias -= 1.0
+    obs = torch.as_tensor(agent.buffer.observations[: agent.buffer.pos, 0])
+    with torch.no_grad():
+        q1, q2 = model.critic(obs, model.actor(obs))
+    assert bool((q2 < q1).all())
+    model.train(gradient_steps=1, batch_size=4)
+    loss = model.logger.name_to_value["train/actor_loss"]
+    # minus the mean of q2 over the batch (up to the critics' own update just before): 1 above any
+    # value that following the first critic would give
+    assert -float(q2.max()) - 0.1 < loss < -float(q2.min()) + 0.1
+    assert loss > -float(q1.min()) + 0.5 and np.isfinite(stats["critic_loss"])
+    with pytest.raises(ValueError, match="critics"):
+        DDPGConfig(critics=0)
 
 
 def test_bootstrap_credit_stores_reward_on_last_step_only(tiny_layers):
@@ -154,7 +187,8 @@ def test_bootstrap_credit_stores_reward_on_last_step_only(tiny_layers):
 
 def test_policy_save_load_round_trip(tiny_layers, tmp_path):
     env = RankSearchEnv(tiny_layers, lambda plans: Evaluation(accuracy=float(plans[-1].ratio)), budget=0.5)
-    agent = DDPGAgent(env.observation_space, env.action_space, DDPGConfig(warmup=2, batch_size=4), seed=3)
+    config = DDPGConfig(warmup=2, batch_size=4, critics=2)
+    agent = DDPGAgent(env.observation_space, env.action_space, config, seed=3)
     for episode in range(5):
         transitions, reward, _ = run_episode(env, agent, episode)
         agent.end_episode(transitions, reward, episode)
@@ -170,6 +204,7 @@ def test_policy_save_load_round_trip(tiny_layers, tmp_path):
     assert loaded.buffer.pos == agent.buffer.pos
     assert np.array_equal(loaded.buffer.rewards[: agent.buffer.pos], agent.buffer.rewards[: agent.buffer.pos])
     assert loaded.state_dict() == agent.state_dict()
+    assert len(loaded.model.critic.q_networks) == 2  # the saved config's critics
     # the restored RNG continues the same stream
     loaded.begin_episode(1)
     agent.begin_episode(1)
