@@ -8,7 +8,8 @@ Importing this package registers ``rlrank/RankSearch-v0``::
 import gymnasium as gym
 
 from rlrank.envs.evaluation import Evaluation, Evaluator
-from rlrank.envs.rank_search import REWARDS, BudgetError, RankSearchEnv, smallest_budget
+from rlrank.envs.flop_budget import BudgetError, smallest_budget
+from rlrank.envs.rank_search import REWARDS, RankSearchEnv
 from rlrank.envs.spaces import (
     ACTION_MODES,
     OBSERVATION_FEATURES,

@@ -10,15 +10,16 @@ import gymnasium as gym
 import numpy as np
 
 from rlrank.envs.evaluation import Evaluation, Evaluator
+from rlrank.envs.flop_budget import BudgetError
 from rlrank.envs.latency_budget import LatencyBudget, fallback_ratios
 from rlrank.envs.spaces import (
     ACTION_MODES,
     action_space,
     action_to_ratio,
+    layer_features,
     observation_space,
     relative_action_to_ratio,
 )
-from rlrank.errors import UserError
 from rlrank.layers import LayerInfo
 from rlrank.planning import (
     LayerPlan,
@@ -26,8 +27,6 @@ from rlrank.planning import (
     current_macs,
     current_params,
     current_ratio,
-    is_compressible,
-    is_excluded,
     max_ratio_within,
     min_ratio_reaching,
     plan_layer,
@@ -40,36 +39,6 @@ if TYPE_CHECKING:
 REWARDS = ("acc", "acc-logflops")
 FAIR_GRID = 512
 """Ratios at which each layer's MACs are tabulated for the fair ratio (linear in [min_ratio, 1])."""
-
-
-class BudgetError(UserError):
-    """The FLOP budget cannot be met even with every layer at its minimum rank ratio.
-
-    Attributes:
-        smallest: The smallest budget (fraction of the dense model's MACs) that can be reached.
-    """
-
-    def __init__(self, budget: float, smallest: float) -> None:
-        super().__init__(
-            f"--flops {budget:g} cannot be reached: with every compressible layer at its minimum rank "
-            f"the model keeps {smallest:.4f} of the dense FLOPs; the smallest reachable budget is {smallest:.4f}"
-        )
-        self.budget = budget
-        self.smallest = smallest
-
-
-def smallest_budget(
-    layers: Sequence[LayerInfo], decomposition: str, min_ratio: float, exclude: Sequence[str] | None = None
-) -> float:
-    """Fraction of the dense MACs left with every compressible layer (not excluded) at ``min_ratio``."""
-    dense = sum(layer.macs for layer in layers)
-    kept = 0
-    for layer in layers:
-        if is_compressible(layer, decomposition) and not is_excluded(layer.name, exclude):
-            kept += plan_layer(layer, min(min_ratio, current_ratio(layer)), decomposition).macs
-        else:
-            kept += current_macs(layer)
-    return kept / dense
 
 
 class RankSearchEnv(gym.Env):
@@ -241,7 +210,7 @@ class RankSearchEnv(gym.Env):
             self.check_budget(b)
         self.budget = self.budgets[0]
         self._reserved = self._reserved_macs()
-        self._features = self._static_features()
+        self._features = layer_features(self.steps, self.dense_macs, self.dense_params)
 
         self.action_space = action_space()
         self.observation_space = observation_space()
@@ -439,26 +408,6 @@ class RankSearchEnv(gym.Env):
         return float(reward), info
 
     # ---------------------------------------------------------------- observations
-
-    def _static_features(self) -> np.ndarray:
-        def norm(values: list[float]) -> np.ndarray:
-            arr = np.asarray(values, dtype=np.float64)
-            top = arr.max()
-            return arr / top if top > 0 else arr
-
-        n = len(self.steps)
-        feats = np.zeros((n, 10), dtype=np.float64)
-        feats[:, 0] = np.arange(n) / max(1, n - 1)
-        feats[:, 1] = [layer.kind == "linear" for layer in self.steps]
-        feats[:, 2] = [layer.is_pointwise for layer in self.steps]
-        feats[:, 3] = norm([layer.in_channels for layer in self.steps])
-        feats[:, 4] = norm([layer.out_channels for layer in self.steps])
-        feats[:, 5] = norm([layer.kernel[0] for layer in self.steps])
-        feats[:, 6] = norm([layer.stride[0] for layer in self.steps])
-        feats[:, 7] = norm([layer.in_hw[0] for layer in self.steps])
-        feats[:, 8] = [layer.macs / self.dense_macs for layer in self.steps]
-        feats[:, 9] = [layer.params / self.dense_params for layer in self.steps]
-        return feats
 
     def _observation(self) -> np.ndarray:
         t = self._t

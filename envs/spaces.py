@@ -7,8 +7,12 @@ a step's ratio range) or relatively (a factor ``3 ** action`` on the step's fair
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from gymnasium import spaces
+
+from rlrank.layers import LayerInfo
 
 OBSERVATION_FEATURES = (
     "layer_index",
@@ -31,6 +35,32 @@ OBSERVATION_FEATURES = (
     "fair_ratio",
 )
 """Names of the observation's entries, in order: the layout a saved policy is checked against."""
+
+
+def layer_features(steps: Sequence[LayerInfo], dense_macs: int, dense_params: int) -> np.ndarray:
+    """The first 10 observation entries of every step (what does not change within an episode):
+    layer index, linear / pointwise flags, channels, kernel, stride and feature map (each divided by
+    its maximum over the steps), MACs and parameters (fractions of the dense model's)."""
+
+    def norm(values: list[float]) -> np.ndarray:
+        arr = np.asarray(values, dtype=np.float64)
+        top = arr.max()
+        return arr / top if top > 0 else arr
+
+    n = len(steps)
+    feats = np.zeros((n, 10), dtype=np.float64)
+    feats[:, 0] = np.arange(n) / max(1, n - 1)
+    feats[:, 1] = [layer.kind == "linear" for layer in steps]
+    feats[:, 2] = [layer.is_pointwise for layer in steps]
+    feats[:, 3] = norm([layer.in_channels for layer in steps])
+    feats[:, 4] = norm([layer.out_channels for layer in steps])
+    feats[:, 5] = norm([layer.kernel[0] for layer in steps])
+    feats[:, 6] = norm([layer.stride[0] for layer in steps])
+    feats[:, 7] = norm([layer.in_hw[0] for layer in steps])
+    feats[:, 8] = [layer.macs / dense_macs for layer in steps]
+    feats[:, 9] = [layer.params / dense_params for layer in steps]
+    return feats
+
 
 ACTION_MODES = ("relative", "absolute")
 RELATIVE_SCALE = 3.0

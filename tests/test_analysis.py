@@ -49,6 +49,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         finetune_steps=2,
         bn_batches=1,
         latency=False,
+        action_center="uniform",  # AMC's wide actions: episodes whose FLOPs and ranks vary
+        spread=1.0,
         out=str(out),
     )
     report = run(config, progress=False)

@@ -4,7 +4,9 @@
 restructured into compression-method plug-ins, a search loop with callbacks and a generated command
 line (issue 13). Every case below runs the same command again (tiny model, embedded digits data, one
 thread) and must reproduce, episode by episode, the phases, the ranks of every layer and the
-rewards. Regenerate the file only for a change that is *meant* to alter what a search does, and say
+rewards. The common options spell out the defaults of the time that later changed (issue 14: reward
+batch 64 on all validation images, no reserve wall, uniform center, AMC's wide actions), so that a
+change of defaults does not break the pin while a change of behaviour does. Regenerate the file only for a change that is *meant* to alter what a search does, and say
 so in the commit.
 """
 

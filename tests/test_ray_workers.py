@@ -315,7 +315,7 @@ def alive(pids: set[int]) -> set[int]:
 
 
 def test_ctrl_c_stops_the_search_and_shuts_ray_down(local_ray, tmp_path):
-    process = start_search(tmp_path, "--episodes", "200")
+    process = start_search(tmp_path, "--episodes", "5000")  # far more than it can finish before Ctrl-C
     try:
         run = wait_for_rows(tmp_path, 2, process)
         ray_of_the_search = descendants(process.pid)  # raylet, GCS, agents, the two workers

@@ -464,7 +464,17 @@ FAST = [
 def test_search_meets_its_budget(tmp_path: Path, method: str) -> None:
     """... and factorizes the linear layer ``fc`` with the method too (``--no-fill-budget``: the last
     layer, ``fc``, takes its own action instead of the budget left, which would keep it dense)."""
-    assert main([*FAST, "--no-fill-budget", "--decomposition", method, "--out", str(tmp_path)]) == 0
+    wide = [
+        "--action-center",
+        "uniform",
+        "--spread",
+        "1",
+        "--noise",
+        "0.5",
+        "--reserve",
+        "0",
+    ]  # reach fc's small ranks
+    assert main([*FAST, *wide, "--no-fill-budget", "--decomposition", method, "--out", str(tmp_path)]) == 0
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     report = json.loads((run / "report.json").read_text())
     assert report["decomposition"] == method and report["compressed"]["flops_ratio"] <= 0.5

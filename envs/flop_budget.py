@@ -1,0 +1,39 @@
+"""The FLOP budget's reachable minimum and the error for a budget below it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rlrank.errors import UserError
+from rlrank.layers import LayerInfo
+from rlrank.planning import current_macs, current_ratio, is_compressible, is_excluded, plan_layer
+
+
+class BudgetError(UserError):
+    """The FLOP budget cannot be met even with every layer at its minimum rank ratio.
+
+    Attributes:
+        smallest: The smallest budget (fraction of the dense model's MACs) that can be reached.
+    """
+
+    def __init__(self, budget: float, smallest: float) -> None:
+        super().__init__(
+            f"--flops {budget:g} cannot be reached: with every compressible layer at its minimum rank "
+            f"the model keeps {smallest:.4f} of the dense FLOPs; the smallest reachable budget is {smallest:.4f}"
+        )
+        self.budget = budget
+        self.smallest = smallest
+
+
+def smallest_budget(
+    layers: Sequence[LayerInfo], decomposition: str, min_ratio: float, exclude: Sequence[str] | None = None
+) -> float:
+    """Fraction of the dense MACs left with every compressible layer (not excluded) at ``min_ratio``."""
+    dense = sum(layer.macs for layer in layers)
+    kept = 0
+    for layer in layers:
+        if is_compressible(layer, decomposition) and not is_excluded(layer.name, exclude):
+            kept += plan_layer(layer, min(min_ratio, current_ratio(layer)), decomposition).macs
+        else:
+            kept += current_macs(layer)
+    return kept / dense
