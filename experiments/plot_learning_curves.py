@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import recording
 
 from rlrank.analysis import load_episodes
 
@@ -38,9 +39,10 @@ def curves(runs: Path, window: int, min_episodes: int) -> pd.DataFrame:
     frames = []
     for folder in sorted(runs.iterdir()):
         match = RUN_NAME.match(folder.name)
-        if not match or not folder.is_dir():
+        run = recording.complete_run(folder) if match else None
+        if run is None:  # not a benchmark run, or interrupted (the next invocation runs it again)
             continue
-        episodes = load_episodes(next(iter(sorted(p.parent for p in folder.glob("*/config.json")))))
+        episodes = load_episodes(run)
         if len(episodes) < min_episodes:
             continue
         rewards = episodes.sort_values("episode")["reward"].reset_index(drop=True)

@@ -353,7 +353,7 @@ def run_search(
     """
     target = (out / name).resolve()
     if reuse:
-        done = _complete_run(target)
+        done = complete_run(target)
         if done is not None:
             report = json.loads((done / REPORT_FILE).read_text())
             return SearchRun(name, done, report, float(report.get("wall_seconds", float("nan"))), reused=True)
@@ -365,7 +365,7 @@ def run_search(
     with log.open("w") as handle:
         code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
     wall = time.perf_counter() - began
-    done = _complete_run(target)
+    done = complete_run(target)
     if code != 0 or done is None:
         raise RuntimeError(f"search {name} failed with exit code {code}; see {log}")
     report = json.loads((done / REPORT_FILE).read_text())
@@ -377,7 +377,8 @@ def run_search(
     return SearchRun(name, done, report, wall)
 
 
-def _complete_run(folder: Path) -> Path | None:
+def complete_run(folder: Path) -> Path | None:
+    """The latest run under ``folder`` that finished (has its report), or ``None``."""
     if not folder.is_dir():
         return None
     runs = sorted(p.parent for p in folder.glob(f"*/{REPORT_FILE}"))

@@ -239,7 +239,12 @@ def test_bench_selectors(
     assert list(cost.columns) == COST_COLUMNS
     assert cost["env + agent share"].str.endswith("%").all()
     assert "Too few runs for a reward / final-accuracy correlation." in section
-    # the learning curves of the searched runs (the rule's single episode is left out)
+    # the learning curves of the searched runs (the rule's single episode is left out), from each
+    # folder's finished run (an interrupted one beside it, sorted first, is passed over)
+    (finished,) = (tmp_path / "runs" / "flops0.5-random-seed0").glob("*/report.json")
+    interrupted = finished.parent.parent / "a-interrupted-run"
+    interrupted.mkdir()
+    (interrupted / "config.json").write_text((finished.parent / "config.json").read_text())
     plotter = script("plot_learning_curves")
     curves = plotter.curves(tmp_path / "runs", window=10, min_episodes=2)
     assert curves[["method", "seed"]].drop_duplicates().values.tolist() == [["random", 0]]
