@@ -141,6 +141,15 @@ def _random(context: AgentContext) -> Agent:
     return RandomAgent(seed=context.seed, spread=context.spread, start_at_center=context.start_at_center)
 
 
+def _surrogate(context: AgentContext) -> Agent:
+    from rlrank.agents.surrogate import SurrogateAgent, SurrogateConfig
+
+    config = SurrogateConfig(
+        warmup=max(1, context.warmup), spread=context.spread, start_at_center=context.start_at_center
+    )
+    return SurrogateAgent(len(context.ratio_bounds), config, seed=context.seed)
+
+
 def _rule(rule: str) -> Callable[[AgentContext], Agent]:
     def build(context: AgentContext) -> Agent:
         from rlrank.envs import ratio_to_action
@@ -158,6 +167,13 @@ def _rule(rule: str) -> Callable[[AgentContext], Agent]:
 
 register_agent(AgentSpec("ddpg", _ddpg, learns=True, description="DDPG after AMC (learns a policy)"))
 register_agent(AgentSpec("random", _random, description="random search"))
+register_agent(
+    AgentSpec(
+        "surrogate",
+        _surrogate,
+        description="model-based search: a random forest of the reward of whole strategies picks each episode",
+    )
+)
 _RULES = {
     "uniform": "one rank ratio for every layer",
     "energy": "keep a fraction of every layer's singular-value energy",

@@ -101,8 +101,8 @@ SCALES = {
     ),
 }
 METHODS = (
-    "uniform", "energy", "vbmf", "alds", "random", "ddpg", "ddpg-energy", "random-energy", "ddpg-alds",
-    "random-alds",
+    "uniform", "energy", "vbmf", "alds", "random", "ddpg", "surrogate", "ddpg-energy", "random-energy",
+    "ddpg-alds", "random-alds",
 )  # fmt: skip
 METHOD_ARGS = {
     "ddpg-energy": ["--agent", "ddpg", "--action-center", "energy"],
@@ -111,7 +111,7 @@ METHOD_ARGS = {
     "random-alds": ["--agent", "random", "--action-center", "alds"],
 }
 """Methods that are an agent with options; any other method is ``--agent METHOD``."""
-SEARCHED = ("random", "ddpg", "ddpg-energy", "random-energy", "ddpg-alds", "random-alds")
+SEARCHED = ("random", "ddpg", "surrogate", "ddpg-energy", "random-energy", "ddpg-alds", "random-alds")
 ABLATION_ARGS = {"distill": ["--distill", "0.5"], "data-aware": ["--data-aware"]}
 EPISODE_TIMES = ("decompose", "finetune", "evaluate", "agent", "env", "total")
 """The parts of an episode's time in a stage's ``time_per_episode`` (and the CSV's ``episode_*_s``)."""

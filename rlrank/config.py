@@ -201,10 +201,12 @@ class SearchConfig:
         "ddpg",
         group=SEARCH,
         choices="rlrank.agents.registry:list_agents",
-        help="ddpg, random search, or a rule: uniform, energy, vbmf, alds",
+        help="ddpg, random search, surrogate (model-based search), or a rule: uniform, energy, vbmf, alds",
     )
     episodes: int = option(100, group=SEARCH, type=count, help="episodes (reward evaluations) per stage")
-    warmup: int = option(25, group=SEARCH, type=count, help="DDPG warm-up episodes of random actions")
+    warmup: int = option(
+        25, group=SEARCH, type=count, help="warm-up episodes of random actions (ddpg, surrogate)"
+    )
     spread: float = option(
         0.25,
         group=SEARCH,

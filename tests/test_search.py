@@ -93,16 +93,19 @@ def test_cli_prints_dense_and_compressed_accuracy(tmp_path, ddpg_run, capsys):
     assert max(ratios) - min(ratios) < 1e-6  # one ratio for every layer
 
 
-@pytest.mark.parametrize("agent", ["random", "energy", "vbmf", "alds"])
+@pytest.mark.parametrize("agent", ["random", "surrogate", "energy", "vbmf", "alds"])
 def test_every_agent_meets_the_budget(agent, tmp_path, ddpg_run):
-    args = [*FAST, "--flops", "0.35", "--agent", agent, "--episodes", "3", "--final-epochs", "0"]
+    args = [*FAST, "--flops", "0.35", "--agent", agent, "--episodes", "3", "--warmup", "1", "--final-epochs", "0"]  # fmt: skip
     assert (
         main([*args, "--checkpoint", str(ddpg_run / "dense.pt"), "--out", str(tmp_path), "--no-latency"]) == 0
     )
     (run,) = run_dirs(tmp_path)
     rows = read_rows(run / "stage-1" / "episodes.jsonl")
-    assert len(rows) == (3 if agent == "random" else 1)
+    assert len(rows) == (3 if agent in ("random", "surrogate") else 1)
     assert all(r["flops_ratio"] <= 0.35 + 1e-12 for r in rows)
+    if agent == "surrogate":  # one warm-up episode (the center), then the model chooses
+        assert [r["phase"] for r in rows] == ["center", "model", "model"]
+        assert set(rows[2]["agent_stats"]) == {"predicted_reward", "predicted_std", "plan_seconds"}
     report = json.loads((run / "report.json").read_text())
     assert report["compressed"]["flops_ratio"] <= 0.35
 
