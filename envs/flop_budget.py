@@ -26,14 +26,19 @@ class BudgetError(UserError):
 
 
 def smallest_budget(
-    layers: Sequence[LayerInfo], decomposition: str, min_ratio: float, exclude: Sequence[str] | None = None
+    layers: Sequence[LayerInfo],
+    decomposition: str,
+    min_ratio: float,
+    exclude: Sequence[str] | None = None,
+    sparse: float = 0.0,
 ) -> float:
-    """Fraction of the dense MACs left with every compressible layer (not excluded) at ``min_ratio``."""
+    """Fraction of the dense MACs left with every compressible layer (not excluded) at ``min_ratio``
+    (with ``sparse``: as sparse + low-rank plans, :func:`rlrank.planning.sparse_plan`)."""
     dense = sum(layer.macs for layer in layers)
     kept = 0
     for layer in layers:
         if is_compressible(layer, decomposition) and not is_excluded(layer.name, exclude):
-            kept += plan_layer(layer, min(min_ratio, current_ratio(layer)), decomposition).macs
+            kept += plan_layer(layer, min(min_ratio, current_ratio(layer)), decomposition, sparse=sparse).macs
         else:
             kept += current_macs(layer)
     return kept / dense

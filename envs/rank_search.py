@@ -133,6 +133,8 @@ class RankSearchEnv(gym.Env):
       measured latency, enforced like the FLOP budget (:mod:`rlrank.envs.latency_budget`); a layer
       stays dense from the ratio where its factorized form stops being faster. The last step's
       ``info`` then holds the predicted ``latency_ratio``.
+    * ``sparse``: ``--sparse F``: a factorized layer spends F of its cost on whole dense filters
+      (:func:`rlrank.planning.sparse_plan`, within the same MACs, so every wall holds as it is).
     """
 
     metadata = {"render_modes": []}
@@ -154,8 +156,10 @@ class RankSearchEnv(gym.Env):
         exclude: Sequence[str] | None = None,
         latency_table: LatencyTable | None = None,
         latency_budget: float | None = None,
+        sparse: float = 0.0,
     ) -> None:
         super().__init__()
+        self.sparse = float(sparse)
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}; known: {', '.join(REWARDS)}")
         if action_mode not in ACTION_MODES:
@@ -237,7 +241,12 @@ class RankSearchEnv(gym.Env):
         """The plan of step ``index`` at ``ratio`` (clipped to the step's range, no action wall)."""
         ratio = float(np.clip(ratio, self._low[index], self._upper[index]))
         return plan_layer(
-            self.steps[index], ratio, self.decomposition, self.allow_dense, self._dense_from[index]
+            self.steps[index],
+            ratio,
+            self.decomposition,
+            self.allow_dense,
+            self._dense_from[index],
+            self.sparse,
         )
 
     def flops_ratio(self, plans: Sequence[LayerPlan]) -> float:
@@ -264,6 +273,7 @@ class RankSearchEnv(gym.Env):
             self._upper[index],
             self.allow_dense,
             self._dense_from[index],
+            self.sparse,
         )
         return wall if self.latency is None else min(wall, self.latency.wall(index, spent_ms))
 
@@ -298,6 +308,7 @@ class RankSearchEnv(gym.Env):
             self._upper[index],
             self.allow_dense,
             self._dense_from[index],
+            self.sparse,
         )
         return floor if self.latency is None else min(floor, self.latency.floor(index, spent_ms))
 

@@ -12,6 +12,12 @@ decay): a coupled penalty moves ``W`` by ``lr * rho`` per step, far too little b
 (the dual grows while ``W`` stays put; measured in ``tests/test_admm.py``). ``rho`` grows by
 ``rho_growth`` per epoch, capped at 0.5, so ``W`` ends on the rank-``r`` set. Layers an earlier
 stage already factorized are left to the fine-tune (their weights are factors, not ``W``).
+
+With ``--sparse`` a plan keeps ``k`` whole filters besides its ranks, and ``Z`` is the projection
+onto that set, {rank ``r`` + ``k`` whole filters}: ``alternations`` rounds of ``L = proj_r(V - S)``,
+``S`` = the ``k`` filters of ``V - L`` with the largest norm (``V = W + U``; the factor cache's
+``build(..., filters=k)`` with ``alternations``); the stage decomposes the trained model with the
+same projection, so that what ADMM trained toward is what the model becomes.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class AdmmConfig:
         hooi_iters: HOOI sweeps of the Tucker-2 projection (as the factor cache's).
         cp_iters: ALS iterations of the CP projection.
         seed: Seed of CP's initialization.
+        alternations: Rounds of the low-rank / sparse alternation projecting a plan with sparse
+            filters (``--sparse``), in every ``Z`` update and in the decomposition after ADMM.
     """
 
     rho: float = 1e-3
@@ -55,6 +63,7 @@ class AdmmConfig:
     hooi_iters: int = 0
     cp_iters: int = 50
     seed: int = 0
+    alternations: int = 2
 
 
 def rank_projections(
@@ -81,11 +90,14 @@ def rank_projections(
         cp_iters=config.cp_iters,
         seed=config.seed,
         weights=weights,
+        alternations=config.alternations,
     )
     param = next(model.parameters())
     with torch.no_grad():
         return {
-            name: cache.build(name, plan.ranks, param.device, param.dtype).effective_weight().detach()
+            name: cache.build(name, plan.ranks, param.device, param.dtype, plan.filters)
+            .effective_weight()
+            .detach()
             for name, plan in planned.items()
         }
 
@@ -94,7 +106,7 @@ def decomposition_errors(
     cache: FactorCache, plans: Sequence[LayerPlan], decomposed: nn.Module | None = None
 ) -> dict[str, float]:
     """Per planned layer of ``cache``, ``||W - proj_r(W)|| / ||W||``: what decomposing at the chosen
-    ranks loses of the weight. ``decomposed``: the model ``decompose_model`` already built from
+    ranks (and sparse filters) loses of the weight. ``decomposed``: the model ``decompose_model`` already built from
     ``cache`` with ``plans`` (its layers are read instead of being built again)."""
     errors = {}
     with torch.no_grad():
@@ -105,7 +117,7 @@ def decomposition_errors(
             module = (
                 decomposed.get_submodule(plan.name)
                 if decomposed is not None
-                else cache.build(plan.name, plan.ranks, "cpu", torch.float64)
+                else cache.build(plan.name, plan.ranks, "cpu", torch.float64, plan.filters)
             )
             z = effective_weight(module).to("cpu", torch.float64)
             errors[plan.name] = float((w - z).norm() / w.norm().clamp_min(1e-12))

@@ -24,6 +24,7 @@ from rlrank.options import (
     positive_float,
     seed_number,
     size_or_fraction,
+    sparse_fraction,
     weight,
 )
 
@@ -146,6 +147,15 @@ class SearchConfig:
         metavar="GLOBS",
         help="layers left as they are, by name or shell-style pattern, comma-separated "
         "(e.g. 'conv1,layer1.*'; --dry-run lists the names)",
+    )
+    sparse: float = option(
+        0.0,
+        group=BUDGET,
+        type=sparse_fraction,
+        metavar="F",
+        help="sparse + low-rank layers: every factorized layer spends the fraction F of its cost at its "
+        "ratio on whole dense filters (those its low-rank part misses most), the low-rank part the rest, "
+        "so W ~ L + S within the same FLOP budget; 0 = low-rank only",
     )
     latency_budget: float | None = option(
         None,

@@ -15,6 +15,7 @@ from torch import nn
 from rlrank.layers import LayerInfo, conv_macs
 from rlrank.methods import DecompositionError, FactorizedLayer
 from rlrank.methods.base import conv_geometry, linear_geometry
+from rlrank.methods.sparse_residual import SparseResidualLayer
 from rlrank.modes import preserved_modes
 
 
@@ -116,6 +117,7 @@ def describe_layers(model: nn.Module, input_shape: tuple[int, int, int]) -> list
                 params=params,
                 method=module.method if factorized else None,
                 ranks=module.ranks if factorized else None,
+                filters=module.filters if isinstance(module, SparseResidualLayer) else 0,
                 **geometry,
             )
         )

@@ -30,6 +30,7 @@ from rlrank.methods import (
     LayerWeights,
     get_method,
 )
+from rlrank.methods.sparse_residual import scatter_filters, top_filters, with_sparse_residual
 from rlrank.modes import preserved_modes
 from rlrank.planning import check_decomposition, method_for
 
@@ -53,6 +54,11 @@ class FactorCache:
             of the factorization is fitted to the weights. HOOI is skipped for those layers.
         weights: Per layer, a dense weight to factorize instead of the layer's own (ADMM projects
             ``W + U`` this way, :mod:`rlrank.admm`).
+        alternations: How a sparse + low-rank layer (``build(..., filters=k)``) splits its weight
+            ``W`` into ``L + S``: ``L`` = the truncation of ``W``, ``S`` = the ``k`` filters of
+            ``W - L`` with the largest norm; each further alternation re-factorizes ``W - S`` for
+            ``L`` and picks ``S`` again (1, the search's default: the cached truncation only, no new
+            factorization; ADMM's projection alternates more, :class:`~rlrank.admm.AdmmConfig`).
     """
 
     def __init__(
@@ -65,8 +71,10 @@ class FactorCache:
         seed: int = 0,
         output_covariances: Mapping[str, torch.Tensor] | None = None,
         weights: Mapping[str, torch.Tensor] | None = None,
+        alternations: int = 1,
     ) -> None:
         self.decomposition = check_decomposition(decomposition)
+        self.alternations = max(1, int(alternations))
         self.settings = FactorSettings(hooi_iters=hooi_iters, cp_iters=cp_iters, seed=seed)
         self.layers = {layer.name: layer for layer in layers}
         covariances = {k: v.to("cpu", torch.float64) for k, v in (output_covariances or {}).items()}
@@ -138,18 +146,30 @@ class FactorCache:
         ranks: tuple[int, ...],
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        filters: int = 0,
     ) -> FactorizedLayer:
-        """A factorized module for layer ``name`` at ``ranks``, weights from the cache."""
+        """A factorized module for layer ``name`` at ``ranks``, weights from the cache; with
+        ``filters`` > 0 a :class:`~rlrank.methods.sparse_residual.SparseResidualLayer` that also keeps
+        that many whole filters of the residual (see ``alternations``)."""
+        if not filters:
+            return self._load(name, self._empty(name, ranks, device, dtype), self.factors(name, ranks))
+        factors, index, sparse = self._split(name, tuple(int(r) for r in ranks), filters)
+        low_rank = self._load(name, self._empty(name, ranks, device, dtype), factors)
+        return with_sparse_residual(low_rank, index, sparse.to(device, dtype))
+
+    def _empty(
+        self, name: str, ranks: tuple[int, ...], device: torch.device | str, dtype: torch.dtype
+    ) -> FactorizedLayer:
+        """The factorized module of layer ``name`` at ``ranks``, weights unset."""
         layer = self.layers[name]
         method = self._method(name)
         geometry = {k: getattr(layer, k) for k in GEOMETRY_KEYS}
         if layer.params > 16384:  # skip the random initialization of large factors: they are overwritten
-            module = (
-                method.build_module(geometry, ranks, device="meta").to_empty(device=device).to(dtype=dtype)
-            )
-        else:  # (for small ones, plain construction is cheaper than the meta device)
-            module = method.build_module(geometry, ranks).to(device=device, dtype=dtype)
-        factors = self.factors(name, ranks)
+            return method.build_module(geometry, ranks, device="meta").to_empty(device=device).to(dtype=dtype)
+        return method.build_module(geometry, ranks).to(device=device, dtype=dtype)  # cheaper when small
+
+    def _load(self, name: str, module: FactorizedLayer, factors: list[torch.Tensor]) -> FactorizedLayer:
+        """``module`` with ``factors`` and the bias of layer ``name`` copied in."""
         with torch.no_grad():
             for child, weight in zip(module.children(), factors, strict=True):
                 child.weight.copy_(weight)
@@ -157,6 +177,29 @@ class FactorCache:
             if bias is not None:
                 module[-1].bias.copy_(bias)
         return module
+
+    def _split(
+        self, name: str, ranks: tuple[int, ...], filters: int
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """``W = L + S + residual``: ``L``'s factors at ``ranks``, ``S``'s filter indices and weights
+        (float64, CPU), alternating ``self.alternations`` times."""
+        entry = self._entries[name]
+        method = self._method(name)
+        factors = self.factors(name, ranks)
+        index, sparse = top_filters(entry.weight - self._dense(name, ranks, factors), filters)
+        for _ in range(self.alternations - 1):
+            rest = entry.weight - scatter_filters(entry.weight.shape, index, sparse)
+            shifted = LayerWeights(entry.layer, rest, entry.bias, entry.covariance)
+            factors = method.factors(shifted, ranks, self.settings)
+            index, sparse = top_filters(entry.weight - self._dense(name, ranks, factors), filters)
+        return factors, index, sparse
+
+    def _dense(self, name: str, ranks: tuple[int, ...], factors: list[torch.Tensor]) -> torch.Tensor:
+        """The effective weight of ``factors`` (float64, CPU)."""
+        with torch.no_grad():
+            return self._load(
+                name, self._empty(name, ranks, "cpu", torch.float64), factors
+            ).effective_weight()
 
 
 @torch.no_grad()

@@ -5,7 +5,10 @@
 the convolution's weight and bias and replaced by ``nn.Identity``. In a factorized layer
 (:mod:`rlrank.methods`) the convolution before the BatchNorm is the layer's last factor
 (Tucker-2's ``last``, CP's ``last``, SVD's second conv, a tensor network's last
-:class:`~rlrank.methods.tensor_network.SharedConv`), so the fold lands there.
+:class:`~rlrank.methods.tensor_network.SharedConv`), so the fold lands there. In a sparse + low-rank
+layer (:class:`~rlrank.methods.sparse_residual.SparseResidualLayer`, ``--sparse``) the fold lands in
+its low-rank part's last factor (scale and shift) and its sparse filters are scaled by the
+BatchNorm's scale at their output channels: ``BN(L x + S x) = BN(L x) + scale * S x``.
 
 The pairs are found on the graph ``torch.fx`` traces (the pattern of
 ``torch.fx.experimental.optimization.fuse``), with every ``nn.Conv2d`` subclass kept as one node,
@@ -38,6 +41,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from rlrank.methods.base import FactorizedLayer, replace_module
+from rlrank.methods.sparse_residual import SparseResidualLayer
 from rlrank.methods.tensor_network import SharedConv, TensorNetworkConv
 
 log = logging.getLogger(__name__)
@@ -76,14 +80,30 @@ def _own_forward(m: nn.Module) -> bool:
 
 def _output_conv(name: str, m: nn.Module) -> str | None:
     """The name of the convolution whose output is ``m``'s output: ``m`` itself for a convolution, the
-    last child of a tensor network on a feature map (its ``forward`` ends with that child); ``None``
-    for anything else (a factorized layer of another kind with a ``forward`` of its own is opaque)."""
+    last child of a tensor network on a feature map or of a plain chain of factors (their ``forward``
+    ends with that child); for a sparse + low-rank layer, its low-rank part's (the sparse filters are
+    scaled besides, :func:`_scale_sparse_filters`); ``None`` for anything else (a factorized layer of
+    another kind with a ``forward`` of its own is opaque)."""
     if isinstance(m, nn.Conv2d):
         return name
-    if isinstance(m, TensorNetworkConv) and not m.linear and isinstance(m[-1], nn.Conv2d):
+    if isinstance(m, SparseResidualLayer):
+        return _output_conv(f"{name}.low_rank", m.low_rank)
+    chain = isinstance(m, FactorizedLayer) and not _own_forward(m)
+    if (chain or (isinstance(m, TensorNetworkConv) and not m.linear)) and isinstance(m[-1], nn.Conv2d):
         last = list(m._modules)[-1]
         return f"{name}.{last}"
     return None
+
+
+def _scale_sparse_filters(layer: SparseResidualLayer, bn: nn.BatchNorm2d) -> None:
+    """Scale ``layer``'s sparse filters by ``bn``'s eval-mode scale at their output channels (the
+    shift is folded into the low-rank part's bias)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    with torch.no_grad():
+        factor = scale[layer.filter_index].to(layer.sparse.weight.dtype)
+        layer.sparse.weight.mul_(factor.view(-1, *[1] * (layer.sparse.weight.dim() - 1)))
 
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
@@ -115,9 +135,11 @@ def fuse_model(model: nn.Module) -> FusionResult:
         )
         return FusionResult(fused_model, [], traced=False)
     pairs = _conv_bn_pairs(graph, dict(fused_model.named_modules()))
-    for conv_name, bn_name in pairs:
+    for source, conv_name, bn_name in pairs:
         conv = fused_model.get_submodule(conv_name)
         bn = fused_model.get_submodule(bn_name)
+        if isinstance(fused_model.get_submodule(source), SparseResidualLayer):
+            _scale_sparse_filters(fused_model.get_submodule(source), bn)
         replace_module(fused_model, conv_name, fuse_conv_bn_eval(_plain_conv(conv), bn))
         replace_module(fused_model, bn_name, nn.Identity())
     left = [n for n, m in fused_model.named_modules() if isinstance(m, nn.BatchNorm2d)]
@@ -126,7 +148,7 @@ def fuse_model(model: nn.Module) -> FusionResult:
         len(pairs),
         f"; {len(left)} left (not directly after a convolution): {', '.join(left)}" if left else "",
     )
-    return FusionResult(fused_model.eval(), [bn for _, bn in pairs], traced=True)
+    return FusionResult(fused_model.eval(), [bn for _, _, bn in pairs], traced=True)
 
 
 def count_batchnorm(model: nn.Module) -> int:
@@ -146,10 +168,10 @@ def torch_memory_format(memory_format: str) -> torch.memory_format:
     return formats[memory_format]
 
 
-def _conv_bn_pairs(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
-    """``(conv, bn)`` module names where the BatchNorm's only input is the convolution's output (or a
-    tensor network's, which its last convolution makes), that output goes nowhere else, and each
-    module is called once."""
+def _conv_bn_pairs(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[tuple[str, str, str]]:
+    """``(source, conv, bn)`` module names where the BatchNorm's only input is the output of
+    ``source``, a convolution (then ``conv`` is ``source``) or a layer whose output ``conv`` makes
+    (:func:`_output_conv`), that output goes nowhere else, and each module is called once."""
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:
@@ -173,7 +195,7 @@ def _conv_bn_pairs(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[tuple
             or bn.num_features != conv.out_channels
         ):
             continue
-        pairs.append((conv_name, str(node.target)))
+        pairs.append((str(source.target), conv_name, str(node.target)))
     return pairs
 
 

@@ -36,6 +36,8 @@ class LayerInfo:
         params: Parameters of the dense layer.
         method: Current factorization (``None``: dense).
         ranks: Current ranks when factorized.
+        filters: Whole output filters kept dense beside the low-rank factors (a sparse + low-rank
+            layer, ``--sparse``; 0 for any other).
     """
 
     name: str
@@ -54,6 +56,7 @@ class LayerInfo:
     params: int
     method: str | None = None
     ranks: tuple[int, ...] | None = None
+    filters: int = 0
 
     @property
     def is_pointwise(self) -> bool:

@@ -54,6 +54,7 @@ epochs = _number(float, "a number of epochs >= 0", lambda v: v >= 0)
 positive_float = _number(float, "a finite number > 0", lambda v: v > 0)
 non_negative_float = _number(float, "a finite number >= 0", lambda v: v >= 0)
 weight = _number(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+sparse_fraction = _number(float, "a number in [0, 0.9)", lambda v: 0 <= v < 0.9)
 size_or_fraction = _number(
     float, "a fraction in (0, 1) or a whole count >= 1", lambda v: 0 < v < 1 or (v >= 1 and v == int(v))
 )

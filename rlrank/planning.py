@@ -5,6 +5,15 @@ everywhere; what ratio 1 stands for is the method's (:meth:`CompressionMethod.fu
 whose factorized form costs at least as much as the dense layer leaves it dense. Everything here is
 priced from :class:`~rlrank.layers.LayerInfo` alone: no tensor is touched, so the environment plans
 every step of every episode for free.
+
+With a sparse fraction ``F > 0`` (``--sparse``), a layer that ratio ``rho`` factorizes spends its
+cost at ``rho`` (``M``, the plan's MACs with ``F = 0``) on a sparse + low-rank form
+(:mod:`rlrank.methods.sparse_residual`): ``k`` whole output filters, as many as ``F * M`` pays for
+(never so many that the low-rank part could not keep rank 1), and the low-rank part at the largest
+ranks of a ratio ``<= rho`` that fit in the rest. The plan's MACs (``L + S``) never exceed ``M``, so
+every budget the env guarantees with ``F = 0`` it guarantees with ``F > 0``; and they never fall as
+``rho`` rises (the low-rank part's share is reserved even where it buys no whole filter), which the
+walls' bisections rely on. Layers left dense stay dense.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from dataclasses import dataclass
 
 from rlrank.layers import LayerInfo
 from rlrank.methods import POINTWISE_METHOD, DecompositionError, get_method, list_methods
+from rlrank.methods.sparse_residual import filter_macs, filter_params, filters_within
 
 __all__ = [
     "LayerPlan",
@@ -34,6 +44,7 @@ __all__ = [
     "min_ratio_reaching",
     "plan_layer",
     "ratio_to_ranks",
+    "sparse_plan",
 ]
 
 
@@ -104,17 +115,17 @@ def searched_layers(
 
 
 def current_macs(layer: LayerInfo) -> int:
-    """MACs of a layer as it is now (factorized or dense)."""
+    """MACs of a layer as it is now (factorized, with its sparse filters if any, or dense)."""
     if layer.method is None or layer.ranks is None:
         return layer.macs
-    return get_method(layer.method).macs(layer, layer.ranks)
+    return get_method(layer.method).macs(layer, layer.ranks) + layer.filters * filter_macs(layer)
 
 
 def current_params(layer: LayerInfo) -> int:
-    """Parameters of a layer as it is now (factorized or dense)."""
+    """Parameters of a layer as it is now (factorized, with its sparse filters if any, or dense)."""
     if layer.method is None or layer.ranks is None:
         return layer.params
-    return get_method(layer.method).params(layer, layer.ranks)
+    return get_method(layer.method).params(layer, layer.ranks) + layer.filters * filter_params(layer)
 
 
 def current_ratio(layer: LayerInfo) -> float:
@@ -137,7 +148,17 @@ def is_compressible(layer: LayerInfo, decomposition: str) -> bool:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What a rank ratio does to one layer: its factorization (``None``: dense) and its cost."""
+    """What a rank ratio does to one layer: its factorization (``None``: dense) and its cost.
+
+    Attributes:
+        name: The layer.
+        ratio: The rank ratio played.
+        method: The factorization, or ``None`` (the layer stays dense).
+        ranks: The low-rank part's ranks (``None`` when dense).
+        macs: MACs of the planned layer, the sparse filters included.
+        params: Parameters of the planned layer, the sparse filters included.
+        filters: Whole output filters kept dense beside the low-rank part (``--sparse``; 0: none).
+    """
 
     name: str
     ratio: float
@@ -145,6 +166,7 @@ class LayerPlan:
     ranks: tuple[int, ...] | None
     macs: int
     params: int
+    filters: int = 0
 
     @property
     def dense(self) -> bool:
@@ -157,6 +179,7 @@ def plan_layer(
     decomposition: str,
     allow_dense: bool = True,
     dense_from: float | None = None,
+    sparse: float = 0.0,
 ) -> LayerPlan:
     """Ranks and cost of ``layer`` at ``ratio``.
 
@@ -165,22 +188,67 @@ def plan_layer(
     stage so that later stages never add depth), gets the largest ranks that still save MACs. With
     ``allow_dense``, a dense layer also stays dense from ratio ``dense_from`` up: where its
     factorized form is no faster (a latency budget's :meth:`~rlrank.latency_table.LayerLatency.dense_from`).
-    A factorized layer never grows back (its new ranks are at most its current ones).
+    A factorized layer never grows back (its new ranks are at most its current ones). With
+    ``sparse`` > 0 a factorized plan becomes sparse + low-rank within the same MACs
+    (:func:`sparse_plan`).
     """
     if allow_dense and dense_from is not None and layer.method is None and ratio >= dense_from:
         return LayerPlan(layer.name, ratio, None, None, layer.macs, layer.params)
     method = method_for(layer, decomposition)
-    ranks = ratio_to_ranks(ratio, full_ranks(layer, method))
-    if layer.ranks is not None:
-        ranks = tuple(min(r, c) for r, c in zip(ranks, layer.ranks, strict=True))
+    ranks = _ranks_at(layer, method, ratio)
     priced = get_method(method)
     macs = priced.macs(layer, ranks)
     if layer.method is None and macs >= layer.macs:
         if allow_dense or not is_compressible(layer, decomposition):
             return LayerPlan(layer.name, ratio, None, None, layer.macs, layer.params)
         ratio = max_ratio_within(layer, decomposition, layer.macs - 1, min(ratio, 1e-6), ratio)
-        return plan_layer(layer, ratio, decomposition)
-    return LayerPlan(layer.name, ratio, method, ranks, macs, priced.params(layer, ranks))
+        return plan_layer(layer, ratio, decomposition, sparse=sparse)
+    plan = LayerPlan(layer.name, ratio, method, ranks, macs, priced.params(layer, ranks))
+    return sparse_plan(layer, plan, sparse) if sparse > 0 else plan
+
+
+def _ranks_at(layer: LayerInfo, method: str, ratio: float) -> tuple[int, ...]:
+    """:func:`ratio_to_ranks` of ``method``'s full ranks, capped by the layer's current ranks."""
+    ranks = ratio_to_ranks(ratio, full_ranks(layer, method))
+    if layer.ranks is not None:
+        ranks = tuple(min(r, c) for r, c in zip(ranks, layer.ranks, strict=True))
+    return ranks
+
+
+def sparse_plan(layer: LayerInfo, plan: LayerPlan, sparse: float) -> LayerPlan:
+    """``plan`` (factorized, ``sparse = 0``) as a sparse + low-rank plan of at most its MACs ``M``.
+
+    The filters get ``min(sparse * M, M - L1)`` MACs (``L1``: the low-rank part at rank 1), and
+    ``k`` = as many whole filters as that pays for; the low-rank part gets the rest, at the ranks of
+    the largest ratio ``<= plan.ratio`` that fit. Both shares are non-decreasing in ``M``, so the
+    plan's MACs are non-decreasing in the ratio (bisections over ratios stay valid).
+    """
+    priced = get_method(plan.method)
+    lowest = priced.macs(layer, _ranks_at(layer, plan.method, 1e-9))
+    share = min(sparse * plan.macs, plan.macs - lowest)
+    filters = filters_within(layer, share)
+    room = plan.macs - share
+
+    def low_rank_macs(ratio: float) -> int:
+        return priced.macs(layer, _ranks_at(layer, plan.method, ratio))
+
+    lo, hi = 1e-9, plan.ratio
+    if low_rank_macs(hi) <= room:
+        lo = hi
+    else:
+        for _ in range(32):  # the low-rank MACs are non-decreasing in the ratio: bisect
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if low_rank_macs(mid) <= room else (lo, mid)
+    ranks = _ranks_at(layer, plan.method, lo)
+    return LayerPlan(
+        plan.name,
+        plan.ratio,
+        plan.method,
+        ranks,
+        priced.macs(layer, ranks) + filters * filter_macs(layer),
+        priced.params(layer, ranks) + filters * filter_params(layer),
+        filters,
+    )
 
 
 def max_ratio_within(
@@ -191,11 +259,12 @@ def max_ratio_within(
     hi: float,
     allow_dense: bool = True,
     dense_from: float | None = None,
+    sparse: float = 0.0,
 ) -> float:
     """Largest ratio in ``[lo, hi]`` whose plan costs at most ``max_macs`` (``lo`` if none does)."""
 
     def cost(ratio: float) -> int:
-        return plan_layer(layer, ratio, decomposition, allow_dense, dense_from).macs
+        return plan_layer(layer, ratio, decomposition, allow_dense, dense_from, sparse).macs
 
     if cost(hi) <= max_macs:
         return hi
@@ -218,11 +287,12 @@ def min_ratio_reaching(
     hi: float,
     allow_dense: bool = True,
     dense_from: float | None = None,
+    sparse: float = 0.0,
 ) -> float:
     """Smallest ratio in ``[lo, hi]`` whose plan costs at least ``min_macs`` (``hi`` if none does)."""
 
     def cost(ratio: float) -> int:
-        return plan_layer(layer, ratio, decomposition, allow_dense, dense_from).macs
+        return plan_layer(layer, ratio, decomposition, allow_dense, dense_from, sparse).macs
 
     if cost(lo) >= min_macs:
         return lo

@@ -41,6 +41,7 @@ from rlrank.evaluator_pool import check_workers
 from rlrank.finetune import resolve_device
 from rlrank.latency_table import LatencyTable, latency_table
 from rlrank.layers import LayerInfo
+from rlrank.methods.sparse_residual import MAX_SPARSE
 from rlrank.models import ModelSpec, build_model, load_checkpoint
 from rlrank.options import SEED_MAX
 from rlrank.planning import check_decomposition, is_excluded, searched_layers
@@ -68,6 +69,13 @@ def validate(config: SearchConfig) -> None:
         if config.stages > 1:
             raise ConfigError("--latency works with one stage (--stages 1) for now")
     fraction("--min-ratio", config.min_ratio)
+    sparse = config.sparse
+    if isinstance(sparse, bool) or not isinstance(sparse, (int, float)) or not 0 <= sparse < MAX_SPARSE:
+        raise ConfigError(f"--sparse must be a number in [0, {MAX_SPARSE:g}), got {sparse!r}")
+    if sparse > 0 and config.latency_budget is not None:
+        raise ConfigError(
+            "--sparse does not work with --latency for now (the latency table times low-rank forms)"
+        )
     fraction("--spread", config.spread)
     fraction("--noise-decay", config.noise_decay)
     for name in ("seed", "split_seed"):
@@ -198,7 +206,7 @@ def prepare(config: SearchConfig, model: nn.Module | None = None, data: DataSpli
     input_shape = (data.in_channels, data.input_size, data.input_size)
     layers = describe_layers(model, input_shape)
     check_exclude(config, layers)
-    smallest = smallest_budget(layers, config.decomposition, config.min_ratio, config.exclude)
+    smallest = smallest_budget(layers, config.decomposition, config.min_ratio, config.exclude, config.sparse)
     for budget in [config.flops, *config.budgets_of_stages(), *(config.train_budgets or [])]:
         if budget < smallest - 1e-12:
             raise BudgetError(budget, smallest)

@@ -190,7 +190,12 @@ def _row(
         failed=info["failed"],
         time=timings,
         layers={
-            p.name: {"ratio": p.ratio, "ranks": list(p.ranks) if p.ranks else None, "method": p.method}
+            p.name: {
+                "ratio": p.ratio,
+                "ranks": list(p.ranks) if p.ranks else None,
+                "method": p.method,
+                **({"filters": p.filters} if p.filters else {}),  # --sparse
+            }
             for p in info["plans"]
         },
         agent_stats=dict(agent_stats),

@@ -141,6 +141,7 @@ def run_stage(
         exclude=config.exclude,
         latency_table=setup.latency_table,
         latency_budget=config.latency_budget,
+        sparse=config.sparse,
     )
     if config.center() != "uniform" and not spec.plays_absolute_ratios:
         env.set_center(rule_strategy(config.center(), env, cache, config.min_ratio))
@@ -252,7 +253,14 @@ def _admm(
             f"the ADMM training of stage {k} diverged ({exc}); resume with a lower --final-lr or "
             f"--admm-rho; the search is kept"
         ) from exc
-    cache = FactorCache(trained, steps, config.decomposition, hooi_iters=config.hooi_iters, seed=config.seed)
+    cache = FactorCache(  # decomposed with ADMM's own projection (its sparse alternations)
+        trained,
+        steps,
+        config.decomposition,
+        hooi_iters=config.hooi_iters,
+        seed=config.seed,
+        alternations=admm.alternations,
+    )
     return trained, cache
 
 
@@ -423,6 +431,7 @@ def _write_best_strategy(
                     "ranks": list(p.ranks) if p.ranks else None,
                     "macs": p.macs,
                     "params": p.params,
+                    **({"filters": p.filters} if p.filters else {}),
                 }
                 for p in plans
             ],

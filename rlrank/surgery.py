@@ -5,7 +5,8 @@ factors from the :class:`~rlrank.factor_cache.FactorCache`, each through its met
 :meth:`~rlrank.methods.base.CompressionMethod.apply` (by default: replace the layer; a method that
 changes channel counts, such as pruning, also adapts the layers reading it there);
 :func:`factorization_of` and :func:`apply_factorization` describe a compressed model's structure and
-rebuild it on a fresh dense model (what the model file stores).
+rebuild it on a fresh dense model (what the model file stores; a sparse + low-rank layer's filter
+count too, its filter indices being a buffer of the state dict).
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ from torch import nn
 from rlrank.describe import geometry_of
 from rlrank.methods import POINTWISE_METHOD, DecompositionError, FactorizedLayer, get_method, list_methods
 from rlrank.methods.base import replace_module
+from rlrank.methods.sparse_residual import SparseResidualLayer
 from rlrank.planning import LayerPlan
 
 if TYPE_CHECKING:
     from rlrank.factor_cache import FactorCache
 
 
-def empty_factorized(module: nn.Module, method: str, ranks: tuple[int, ...]) -> FactorizedLayer:
-    """A factorized module of the right shapes for ``module`` (weights still to be set)."""
+def empty_factorized(
+    module: nn.Module, method: str, ranks: tuple[int, ...], filters: int = 0
+) -> FactorizedLayer:
+    """A factorized module of the right shapes for ``module`` (weights still to be set); with
+    ``filters`` > 0 a :class:`SparseResidualLayer` keeping that many whole filters besides."""
     geometry = geometry_of(module)
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         raise DecompositionError("grouped and depthwise convolutions are left dense")
@@ -35,7 +40,8 @@ def empty_factorized(module: nn.Module, method: str, ranks: tuple[int, ...]) -> 
         raise DecompositionError(f"linear layers are factorized by {POINTWISE_METHOD}, not {method!r}")
     if geometry["kernel"] == (1, 1) and not pointwise:
         raise DecompositionError(f"1x1 convolutions are factorized by {POINTWISE_METHOD}, not {method!r}")
-    return get_method(method).build_module(geometry, ranks)
+    low_rank = get_method(method).build_module(geometry, ranks)
+    return SparseResidualLayer(low_rank, filters) if filters else low_rank
 
 
 def decompose_model(
@@ -57,7 +63,9 @@ def decompose_model(
         for plan in plans
         if not plan.dense
         and not (
-            cache.layers[plan.name].method == plan.method and cache.layers[plan.name].ranks == plan.ranks
+            cache.layers[plan.name].method == plan.method
+            and cache.layers[plan.name].ranks == plan.ranks
+            and cache.layers[plan.name].filters == plan.filters
         )
     ]
     param = next(model.parameters())
@@ -69,17 +77,23 @@ def decompose_model(
         memo = {id(model.get_submodule(plan.name)): nn.Identity() for plan in changes}
         target = copy.deepcopy(model, memo)
     for plan in changes:
-        get_method(plan.method).apply(target, plan.name, cache.build(plan.name, plan.ranks, device, dtype))
+        module = cache.build(plan.name, plan.ranks, device, dtype, plan.filters)
+        get_method(plan.method).apply(target, plan.name, module)
     return target
 
 
 def factorization_of(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{layer name: {"method", "ranks"}}`` for every factorized layer of ``model``."""
-    return {
-        name: {"method": module.method, "ranks": list(module.ranks)}
-        for name, module in model.named_modules()
-        if isinstance(module, FactorizedLayer)
-    }
+    """``{layer name: {"method", "ranks"}}`` for every factorized layer of ``model``, with
+    ``"filters"`` (their count) for a sparse + low-rank one; which filters is in its state dict
+    (the ``filter_index`` buffer)."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, FactorizedLayer) or any(name.startswith(f"{outer}.") for outer in found):
+            continue  # (the low-rank part inside a sparse + low-rank layer is that layer's)
+        found[name] = {"method": module.method, "ranks": list(module.ranks)}
+        if isinstance(module, SparseResidualLayer):
+            found[name]["filters"] = module.filters
+    return found
 
 
 def apply_factorization(model: nn.Module, factorization: Mapping[str, Mapping[str, Any]]) -> nn.Module:
@@ -91,7 +105,7 @@ def apply_factorization(model: nn.Module, factorization: Mapping[str, Mapping[st
             raise DecompositionError(
                 f"layer {name!r} of the saved factorization is not in the model"
             ) from None
-        replace_module(
-            model, name, empty_factorized(dense, str(entry["method"]), tuple(int(r) for r in entry["ranks"]))
-        )
+        ranks = tuple(int(r) for r in entry["ranks"])
+        filters = int(entry.get("filters", 0))
+        replace_module(model, name, empty_factorized(dense, str(entry["method"]), ranks, filters))
     return model
