@@ -7,7 +7,8 @@ as ``(1x1 o kxk) -> 1x1``, ``1x1 -> (kxk o 1x1)`` or one ``kxk`` convolution of 
 Fewer, larger convolutions can be faster than more, smaller ones (thin channels at a large feature
 map are memory-bound: measured in ``experiments/RESULTS.md``), so :func:`fastest_form` times every
 grouping of every factorized layer on its real input shape and keeps the fastest; outputs are the
-same up to floating-point rounding.
+same up to floating-point rounding. A sparse + low-rank layer (``--sparse``) keeps its form; the
+chain of its low-rank part is regrouped like any other.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 A file holds the format tag, the architecture (:class:`~rlrank.models.ModelSpec`), the factorized
 structure (:func:`~rlrank.surgery.factorization_of`), the state dict and free metadata, all plain
-containers and tensors, so it loads with ``weights_only=True`` and nothing in it is executed.
+containers and tensors, so it loads with ``weights_only=True`` and nothing in it is executed. A
+sparse + low-rank layer (``--sparse``) adds its filter count to its factorization entry; which
+filters it keeps is its ``filter_index`` buffer, in the state dict.
 """
 
 from __future__ import annotations

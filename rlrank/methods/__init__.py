@@ -17,6 +17,7 @@ from rlrank.methods.base import (
     LayerWeights,
 )
 from rlrank.methods.cp import CP, CPConv
+from rlrank.methods.sparse_residual import SparseResidualLayer
 from rlrank.methods.svd import SVD, SVDConv, SVDLinear
 from rlrank.methods.tr import TR, TRConv
 from rlrank.methods.tt import TT, TTConv
@@ -71,6 +72,7 @@ __all__ = [
     "LayerWeights",
     "SVDConv",
     "SVDLinear",
+    "SparseResidualLayer",
     "TR",
     "TRConv",
     "TT",
