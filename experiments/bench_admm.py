@@ -2,11 +2,13 @@
 
 ResNet-20 on ``../shared`` CIFAR-10, Tucker-2, the ALDS rule's strategy (the best measured one,
 ``experiments/RESULTS.md``) at each budget, at equal total training epochs: (a) decompose, then
-fine-tune ``epochs``; (b) ADMM for ``admm-epochs``, decompose, fine-tune ``epochs - admm-epochs``.
-Both distil from the dense model. Appends per budget and variant the decomposition error right
-after decomposing, the test accuracy, its change against the dense model and the wall time to
-``experiments/RESULTS.md``, and per-run rows to ``experiments/results/admm-<scale>.csv``. Completed
-runs under ``--out`` are reused, so the benchmark can be split (``--flops 0.5``, then ``--flops 0.3``).
+fine-tune ``epochs``; (b) ADMM for ``admm-epochs``, decompose, fine-tune ``epochs - admm-epochs``;
+(c) as (b) with ``--sparse F``: ADMM trains toward low rank plus ``F`` of each layer's cost in whole
+dense filters, kept beside the factors (sparse + low-rank layers). All distil from the dense model.
+Appends per budget and variant the decomposition error right after decomposing, the test accuracy,
+its change against the dense model and the wall time to ``experiments/RESULTS.md``, and per-run rows
+to ``experiments/results/admm-<scale>.csv``. Completed runs under ``--out`` are reused, so the
+benchmark can be split (``--flops 0.5``, then ``--flops 0.3``).
 
 Run from the repository root::
 
@@ -36,6 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--admm-rho", type=float, default=None, help="--admm-rho of the ADMM runs (default: rlrank's)"
     )
+    p.add_argument(
+        "--sparse",
+        type=float,
+        default=0.2,
+        help="--sparse of a third variant, ADMM toward low rank + whole filters (0: no such variant; "
+        "default: %(default)s)",
+    )
     p.add_argument("--rule", default="alds", help="the strategy's rule (default: %(default)s)")
     p.add_argument("--csv", type=Path, default=None, help="per-run rows (default: results/admm-<scale>.csv)")
     recording.add_cifar_options(p, out="bench-runs/admm")
@@ -55,10 +64,19 @@ def main(argv: list[str] | None = None) -> int:
             "--admm-epochs", str(args.admm_epochs), "--final-epochs", str(args.epochs - args.admm_epochs), *rho,
         ],
     }  # fmt: skip
+    if args.sparse > 0:
+        variants["ADMM + sparse + decompose + fine-tune"] = [
+            *variants["ADMM + decompose + fine-tune"], "--sparse", str(args.sparse),
+        ]  # fmt: skip
+    names = {
+        "decompose + fine-tune": "plain",
+        "ADMM + decompose + fine-tune": "admm",
+        "ADMM + sparse + decompose + fine-tune": f"admm-sparse{args.sparse:g}",
+    }
     rows = []
     for budget in args.flops:
         for variant, extra in variants.items():
-            name = f"{'admm' if 'ADMM' in variant else 'plain'}-{budget:g}"
+            name = f"{names[variant]}-{budget:g}"
             run = recording.run_search(name, [*base, "--flops", str(budget), *extra], args.out)
             stage = run.report["stages"][-1]
             rows.append({
@@ -70,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 "test acc": run.report["compressed"]["test_accuracy"],
                 "Δ test vs dense": run.report["test_accuracy_delta"],
                 "FLOP ratio": run.report["compressed"]["flops_ratio"],
+                "param ratio": run.report["compressed"]["params_ratio"],
                 "epochs": args.epochs,
                 "run wall s": run.wall_s,
             })  # fmt: skip
@@ -88,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- strategy: the {args.rule} rule's at each budget, Tucker-2; {args.epochs:g} training epochs in "
         f"all per run (ADMM runs: {args.admm_epochs:g} of ADMM, the rest fine-tune), one-cycle lr "
         f"{run.config['final_lr']}, distillation 0.5; ADMM rho {run.config['admm_rho']:g}, growth "
-        f"{run.config['admm_rho_growth']:g} per epoch; dense test accuracy {dense:.4f}; decomposition error: "
+        f"{run.config['admm_rho_growth']:g} per epoch"
+        + (f"; sparse variant: --sparse {args.sparse:g}" if args.sparse > 0 else "")
+        + f"; dense test accuracy {dense:.4f}; decomposition error: "
         "mean over the decomposed layers of ||W - proj(W)|| / ||W|| when they were decomposed",
         "",
         recording.markdown(

@@ -361,9 +361,13 @@ def test_bench_admm(
     assert script("bench_admm").main(argv) == 0
     section = _section(capsys.readouterr().out, "ADMM before decomposing (tiny, digits)")
     (table,) = _tables(section)
-    assert list(table["variant"]) == ["decompose + fine-tune", "ADMM + decompose + fine-tune"]
-    plain, admm = (float(v) for v in table["decomposition error"])
-    assert admm < plain and table["error before ADMM"][0] in ("", "nan")
+    assert list(table["variant"]) == [
+        "decompose + fine-tune",
+        "ADMM + decompose + fine-tune",
+        "ADMM + sparse + decompose + fine-tune",
+    ]
+    plain, admm, sparse = (float(v) for v in table["decomposition error"])
+    assert admm < plain and sparse < plain and table["error before ADMM"][0] in ("", "nan")
     assert script("bench_admm").main(argv) == 0  # complete runs are reused, not run again
     assert "plain-0.5: " not in capsys.readouterr().out
 
