@@ -221,7 +221,7 @@ class SearchConfig:
         0.25,
         group=SEARCH,
         type=fraction,
-        help="random actions (random search, DDPG warm-up) are uniform in [-S, S]",
+        help="random actions (random search, DDPG and surrogate warm-up; the surrogate's candidates) are uniform in [-S, S]",
     )
     start_at_center: bool = option(
         True,
