@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_admm import small_net
 from torch import nn
 from torch.nn import functional as F
 
@@ -270,13 +271,8 @@ def test_the_fastest_form_regroups_the_low_rank_part_and_keeps_the_outputs() -> 
 # ------------------------------------------------------------------------------------------ ADMM
 
 
-def _small_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 10, 3, padding=1))
-
-
 def test_admm_projects_onto_low_rank_plus_whole_filters_and_drives_the_weights_there() -> None:
-    model = _small_net()
+    model = small_net()
     layers = describe_layers(model, (8, 6, 6))
     plans = [plan_layer(layer, 0.5, "tucker2", allow_dense=False, sparse=0.5) for layer in layers]
     assert all(p.filters > 0 for p in plans)
@@ -287,7 +283,7 @@ def test_admm_projects_onto_low_rank_plus_whole_filters_and_drives_the_weights_t
     for plan in plans:
         built = cache.build(plan.name, plan.ranks, filters=plan.filters)
         torch.testing.assert_close(projections[plan.name], built.effective_weight(), rtol=1e-4, atol=1e-5)
-    target = _small_net()
+    target = small_net()
     torch.manual_seed(1)
     with torch.no_grad():
         for p in target.parameters():

@@ -7,8 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from test_agents import run_episode
 
-from rlrank.agents.base import RandomAgent, Transition
+from rlrank.agents.base import RandomAgent
 from rlrank.agents.surrogate import SurrogateAgent, SurrogateConfig, propose
 from rlrank.describe import describe_layers
 from rlrank.envs import Evaluation, RankSearchEnv
@@ -18,20 +19,6 @@ from rlrank.models import ModelSpec, build_model
 @pytest.fixture(scope="module")
 def tiny_layers():
     return describe_layers(build_model(ModelSpec("tiny", 10, 1, 8)), (1, 8, 8))
-
-
-def play(env: RankSearchEnv, agent, episode: int) -> tuple[list[Transition], float]:
-    agent.begin_episode(episode)
-    obs, _ = env.reset()
-    transitions = []
-    while True:
-        action = agent.act(obs)
-        assert action.shape == (1,) and -1 <= action[0] <= 1
-        nxt, reward, terminated, truncated, _ = env.step(action)
-        transitions.append(Transition(obs, action, nxt, terminated))
-        obs = nxt
-        if terminated or truncated:
-            return transitions, float(reward)
 
 
 def peaked_reward(plans) -> Evaluation:
@@ -45,7 +32,7 @@ def search(tiny_layers, agent, episodes: int) -> list[float]:
     env = RankSearchEnv(tiny_layers, peaked_reward, budget=0.5)
     rewards = []
     for episode in range(episodes):
-        transitions, reward = play(env, agent, episode)
+        transitions, reward, _ = run_episode(env, agent, episode)
         agent.end_episode(transitions, reward, episode)
         rewards.append(reward)
     return rewards
@@ -97,14 +84,14 @@ def test_resume_from_state_dict_replays_the_same_episodes(tiny_layers):
     env = RankSearchEnv(tiny_layers, peaked_reward, budget=0.5)
     first = SurrogateAgent(len(tiny_layers), config, seed=5)
     for episode in range(8):
-        transitions, reward = play(env, first, episode)
+        transitions, reward, _ = run_episode(env, first, episode)
         first.end_episode(transitions, reward, episode)
     state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
     resumed = SurrogateAgent(len(tiny_layers), config, seed=99)
     resumed.load_state_dict(state)
     for episode in range(8, 11):
-        a, reward_a = play(env, first, episode)
-        b, reward_b = play(env, resumed, episode)
+        a, reward_a, _ = run_episode(env, first, episode)
+        b, reward_b, _ = run_episode(env, resumed, episode)
         assert [t.action[0] for t in a] == [t.action[0] for t in b]
         assert first.end_episode(a, reward_a, episode)["predicted_reward"] == pytest.approx(
             resumed.end_episode(b, reward_b, episode)["predicted_reward"]
