@@ -70,6 +70,8 @@ class AgentSpec:
             environment maps its actions linearly onto each step's range and does not top up the
             budget, so the strategy is played exactly as the rule chose it.
         learns: The agent learns a policy (it can be saved, continued and rolled out).
+        warms_up: The agent plays ``--warmup`` random episodes before it chooses (a search with no
+            more episodes than that is random search, and preflight says so).
         description: One line for ``--help``.
     """
 
@@ -77,6 +79,7 @@ class AgentSpec:
     build: Callable[[AgentContext], Agent]
     plays_absolute_ratios: bool = False
     learns: bool = False
+    warms_up: bool = False
     description: str = ""
 
 
@@ -165,12 +168,15 @@ def _rule(rule: str) -> Callable[[AgentContext], Agent]:
     return build
 
 
-register_agent(AgentSpec("ddpg", _ddpg, learns=True, description="DDPG after AMC (learns a policy)"))
+register_agent(
+    AgentSpec("ddpg", _ddpg, learns=True, warms_up=True, description="DDPG after AMC (learns a policy)")
+)
 register_agent(AgentSpec("random", _random, description="random search"))
 register_agent(
     AgentSpec(
         "surrogate",
         _surrogate,
+        warms_up=True,
         description="model-based search: a random forest of the reward of whole strategies picks each episode",
     )
 )

@@ -213,10 +213,10 @@ def prepare(config: SearchConfig, model: nn.Module | None = None, data: DataSpli
     setup = Setup(config, device, data, spec, model, layers, input_shape, weights_given=weights_given)
     if config.latency_budget is not None:
         setup.latency_table = check_latency_budget(config, model, layers, input_shape, device)
-    if agent_spec(config.agent).learns and not config.policy and 0 < config.episodes <= config.warmup:
+    if agent_spec(config.agent).warms_up and not config.policy and 0 < config.episodes <= config.warmup:
         setup.warnings.append(
             f"--warmup {config.warmup} >= --episodes {config.episodes}: the agent only plays its warm-up "
-            f"and never learns; lower --warmup (e.g. --warmup {config.episodes // 4}) or use --agent random"
+            f"and never learns (nor chooses); lower --warmup (e.g. --warmup {config.episodes // 4}) or use --agent random"
         )
         logger.warning(setup.warnings[-1])
     if config.policy:

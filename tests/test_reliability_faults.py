@@ -186,8 +186,10 @@ def test_bad_values_are_one_line_and_exit_2(args, fragment, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_warmup_as_long_as_the_search_is_a_warning(tmp_path, capsys, dense):
-    args = [*FAST, "--warmup", "20", "--episodes", "4", "--checkpoint", str(dense), "--out", str(tmp_path)]
+@pytest.mark.parametrize("agent", ["ddpg", "surrogate"])
+def test_a_warmup_as_long_as_the_search_is_a_warning(agent, tmp_path, capsys, dense):
+    args = [*FAST, "--agent", agent, "--warmup", "20", "--episodes", "4", "--checkpoint", str(dense)]
+    args += ["--out", str(tmp_path)]
     assert main(args) == 0
     assert "never learns" in capsys.readouterr().err
     report = json.loads((only_run(tmp_path) / "report.json").read_text())
