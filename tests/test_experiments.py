@@ -256,6 +256,28 @@ def test_bench_selectors(
         plotter.curves(tmp_path / "runs", window=10, min_episodes=20)
 
 
+def test_bench_top_strategies(
+    script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _selectors_argv(tmp_path, "--methods", "random", "--no-ablations", "--search-args=--spread 1")
+    argv[argv.index("--episodes") + 1] = "5"
+    assert script("bench_selectors").main(argv) == 0
+    top = script("bench_top_strategies")
+    (run,) = (tmp_path / "runs" / "flops0.5-random-seed0").glob("*/report.json")
+    priced = top.price_run(run.parent, 3)
+    # the reward's own images reproduce the logged rewards: the strategies are rebuilt faithfully
+    assert priced["reward images"].tolist() == pytest.approx(priced["logged reward"].tolist(), abs=1e-9)
+    assert priced["logged reward"].is_monotonic_decreasing and len(priced) == 3
+    assert priced[["unseen val", "test (BN only)"]].notna().all().all()
+    capsys.readouterr()
+    assert (
+        top.main(["--runs", str(tmp_path / "runs"), "--methods", "random", "--top", "3", "--no-append"]) == 0
+    )
+    (table,) = _tables(_section(capsys.readouterr().out, "Top strategies on images the search never scored"))
+    assert table[["budget", "method", "runs"]].values.tolist() == [["0.5", "random", "1"]]
+    assert "re-ranked test (BN only)" in table.columns
+
+
 @pytest.mark.slow
 def test_bench_selectors_with_ablations_and_correlation(
     script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
