@@ -20,7 +20,6 @@ from rlrank.callbacks import SearchCallback
 from rlrank.checkpoint import SearchProgress
 from rlrank.envs import RankSearchEnv
 from rlrank.evaluator_pool import EvaluatedEpisode, EvaluatorPool
-from rlrank.interrupts import interrupt_latch
 from rlrank.planning import LayerPlan
 from rlrank.records import EpisodeRow
 
@@ -91,37 +90,33 @@ def run_episodes(
     next_episode = progress.episodes_done
     clock = time.perf_counter()
     callbacks.on_search_start(progress)
-    with interrupt_latch() as latch:
-        try:
-            while progress.episodes_done < total:
-                latch.check()  # a Ctrl-C that a C extension swallowed on its way
-                while next_episode < total and len(in_flight) < pool.capacity:
-                    greedy = rollout is not None and next_episode == rollout_episode
-                    if (
-                        greedy and in_flight
-                    ):  # the roll-out plays the policy learned from every episode before
-                        break
-                    player = rollout if greedy else agent
-                    episode_budget = budget if (greedy or not cycle_budgets) else None
-                    played = play_actions(env, player, next_episode, episode_budget)
-                    pool.submit(stage, next_episode, played.plans)
-                    in_flight[next_episode] = played
-                    next_episode += 1
-                result = pool.next_result()
-                priced[result.episode] = result
-                while progress.episodes_done in priced:  # finish episodes in order
-                    episode = progress.episodes_done
-                    row = finish_episode(env, in_flight.pop(episode), priced.pop(episode), stage)
-                    now = time.perf_counter()
-                    progress.seconds += now - clock
-                    clock = now
-                    progress.episodes_done = episode + 1
-                    progress.failures += 1 if row.failed else 0
-                    progress.last_row = row
-                    callbacks.on_episode_end(row, progress)
-        finally:
-            pool.cancel()  # episodes still in flight are played again on resume
-            callbacks.on_search_end(progress)
+    try:
+        while progress.episodes_done < total:
+            while next_episode < total and len(in_flight) < pool.capacity:
+                greedy = rollout is not None and next_episode == rollout_episode
+                if greedy and in_flight:  # the roll-out plays the policy learned from every episode before
+                    break
+                player = rollout if greedy else agent
+                episode_budget = budget if (greedy or not cycle_budgets) else None
+                played = play_actions(env, player, next_episode, episode_budget)
+                pool.submit(stage, next_episode, played.plans)
+                in_flight[next_episode] = played
+                next_episode += 1
+            result = pool.next_result()
+            priced[result.episode] = result
+            while progress.episodes_done in priced:  # finish episodes in order
+                episode = progress.episodes_done
+                row = finish_episode(env, in_flight.pop(episode), priced.pop(episode), stage)
+                now = time.perf_counter()
+                progress.seconds += now - clock
+                clock = now
+                progress.episodes_done = episode + 1
+                progress.failures += 1 if row.failed else 0
+                progress.last_row = row
+                callbacks.on_episode_end(row, progress)
+    finally:
+        pool.cancel()  # episodes still in flight are played again on resume
+        callbacks.on_search_end(progress)
     return progress
 
 
