@@ -252,7 +252,17 @@ def start_search(out: Path, *extra: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group: Ray's processes with it
+        preexec_fn=default_sigint,
     )
+
+
+def default_sigint() -> None:
+    """Give the search Python's own Ctrl-C handling even when pytest runs in the background.
+
+    A shell starts background jobs with SIGINT ignored and children inherit that, so a search
+    started from such a pytest would ignore the Ctrl-C this test sends, as it should under nohup.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_rows(out: Path, n: int, process: subprocess.Popen, timeout: float = 300) -> Path:
