@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from rlrank.errors import UserError
 from rlrank.layers import LayerInfo
-from rlrank.planning import current_macs, current_ratio, is_compressible, is_excluded, plan_layer
+from rlrank.planning import current_macs, current_ratio, owned_layers, plan_layer, searched_layers
 
 
 class BudgetError(UserError):
@@ -35,10 +35,13 @@ def smallest_budget(
     """Fraction of the dense MACs left with every compressible layer (not excluded) at ``min_ratio``
     (with ``sparse``: as sparse + low-rank plans, :func:`rlrank.planning.sparse_plan`)."""
     dense = sum(layer.macs for layer in layers)
+    steps = searched_layers(layers, decomposition, exclude)
+    step_names = {layer.name for layer in steps}
+    owned = owned_layers(steps, decomposition)
     kept = 0
     for layer in layers:
-        if is_compressible(layer, decomposition) and not is_excluded(layer.name, exclude):
+        if layer.name in step_names:
             kept += plan_layer(layer, min(min_ratio, current_ratio(layer)), decomposition, sparse=sparse).macs
-        else:
+        elif layer.name not in owned:
             kept += current_macs(layer)
     return kept / dense

@@ -29,6 +29,7 @@ from rlrank.planning import (
     current_ratio,
     max_ratio_within,
     min_ratio_reaching,
+    owned_layers,
     plan_layer,
     searched_layers,
 )
@@ -181,7 +182,7 @@ class RankSearchEnv(gym.Env):
         self.steps = searched_layers(self.layers, self.decomposition, self.exclude)
         if not self.steps:
             raise ValueError("the model has no compressible layer")
-        step_names = {layer.name for layer in self.steps}
+        step_names = {layer.name for layer in self.steps} | owned_layers(self.steps, self.decomposition)
         self.fixed_macs = sum(current_macs(layer) for layer in self.layers if layer.name not in step_names)
         self.fixed_params = sum(
             current_params(layer) for layer in self.layers if layer.name not in step_names

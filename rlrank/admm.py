@@ -36,6 +36,7 @@ from rlrank.describe import effective_weight
 from rlrank.factor_cache import FactorCache
 from rlrank.finetune import TrainConfig, train_epochs
 from rlrank.layers import LayerInfo
+from rlrank.methods import FactorizedLayer
 from rlrank.planning import LayerPlan
 
 logger = logging.getLogger(__name__)
@@ -114,11 +115,9 @@ def decomposition_errors(
             if plan.dense:
                 continue
             w = cache.entry(plan.name).weight
-            module = (
-                decomposed.get_submodule(plan.name)
-                if decomposed is not None
-                else cache.build(plan.name, plan.ranks, "cpu", torch.float64, plan.filters)
-            )
+            module = decomposed.get_submodule(plan.name) if decomposed is not None else None
+            if not isinstance(module, FactorizedLayer):  # not given, or a pruned layer (unwrapped)
+                module = cache.build(plan.name, plan.ranks, "cpu", torch.float64, plan.filters)
             z = effective_weight(module).to("cpu", torch.float64)
             errors[plan.name] = float((w - z).norm() / w.norm().clamp_min(1e-12))
     return errors

@@ -138,7 +138,10 @@ class SearchConfig:
         help="fit each layer's output factor to its responses on training images, not to its weights alone",
     )
     data_aware_batches: int = option(
-        8, group=BUDGET, type=positive, help="training batches observed for --data-aware"
+        8,
+        group=BUDGET,
+        type=positive,
+        help="training batches observed for --data-aware and for channel pruning's selection and refit",
     )
     exclude: list[str] | None = option(
         None,

@@ -7,11 +7,13 @@ factorized layer as the dense layer it stands for, so a later compression stage 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from rlrank.channel_coupling import channel_producers
 from rlrank.layers import LayerInfo, conv_macs
 from rlrank.methods import DecompositionError, FactorizedLayer
 from rlrank.methods.base import conv_geometry, linear_geometry
@@ -121,4 +123,24 @@ def describe_layers(model: nn.Module, input_shape: tuple[int, int, int]) -> list
                 **geometry,
             )
         )
-    return layers
+    return _with_producers(layers, model)
+
+
+def _with_producers(layers: list[LayerInfo], model: nn.Module) -> list[LayerInfo]:
+    """``layers`` with each one's channel producer (:func:`~rlrank.channel_coupling.channel_producers`)."""
+    by_name = {layer.name: layer for layer in layers}
+    producers = channel_producers(model)
+    out = []
+    for layer in layers:
+        producer = producers.get(layer.name) if layer.method is None else None
+        source = by_name.get(producer.name) if producer is not None else None
+        if source is not None and source.method is None and source.out_channels == layer.in_channels:
+            layer = replace(
+                layer,
+                producer=source.name,
+                producer_macs=source.macs,
+                producer_params=source.params,
+                producer_batchnorms=producer.batchnorms,
+            )
+        out.append(layer)
+    return out

@@ -8,7 +8,8 @@ cheaper, or leave it as ``--exclude`` says), then the smallest budget the search
 from __future__ import annotations
 
 from rlrank.envs import smallest_budget
-from rlrank.planning import is_compressible, is_excluded, method_for
+from rlrank.methods import get_method
+from rlrank.planning import is_excluded, method_for, searched_layers
 from rlrank.preflight import Setup
 
 
@@ -20,13 +21,20 @@ def layer_listing(setup: Setup) -> str:
     header = f"{'layer':<28} {'kind':<6} {'in -> out':>13} {'kernel':>6} {'stride':>6} {'map':>7} " \
              f"{'MACs':>12} {'share':>6} {'params':>10}  search"  # fmt: skip
     lines = [header, "-" * len(header)]
-    searched = 0
+    steps = {layer.name: layer for layer in searched_layers(layers, config.decomposition, config.exclude)}
+    owners = {str(step.producer): name for name, step in steps.items() if step.producer is not None}
+    pruning = config.decomposition == "prune"
     for layer in layers:
         if is_excluded(layer.name, config.exclude):
             what = "excluded (--exclude)"
-        elif is_compressible(layer, config.decomposition):
+        elif layer.name in steps:
             what = method_for(layer, config.decomposition)
-            searched += 1
+            if pruning:
+                what += f" (input channels, with {layer.producer}'s outputs)"
+        elif pruning and layer.name in owners:
+            what = f"pruned with {owners[layer.name]} (output channels)"
+        elif pruning:
+            what = "dense (its inputs are not one convolution's alone)"
         else:
             what = "dense (no rank makes it cheaper)"
         kernel = f"{layer.kernel[0]}x{layer.kernel[1]}"
@@ -39,8 +47,9 @@ def layer_listing(setup: Setup) -> str:
     smallest = smallest_budget(layers, config.decomposition, config.min_ratio, config.exclude)
     lines += [
         "",
-        f"{config.model}: {len(layers)} conv / linear layers, {searched} searched with {config.decomposition} "
-        f"(1x1 convs and linear layers: svd); {total_macs:,} MACs and {total_params:,} parameters in all",
+        f"{config.model}: {len(layers)} conv / linear layers, {len(steps)} searched with {config.decomposition}"
+        + ("" if get_method(config.decomposition).pointwise else " (1x1 convs and linear layers: svd)")
+        + f"; {total_macs:,} MACs and {total_params:,} parameters in all",
         f"smallest reachable budget: --flops {smallest:.4f} (every searched layer at --min-ratio "
         f"{config.min_ratio:g}); asked: --flops {config.flops:g}",
     ]

@@ -4,7 +4,7 @@ The expensive part of a strategy (the SVDs of each layer's unfoldings, Tucker-2'
 done once per layer by the layer's :class:`~rlrank.methods.base.CompressionMethod`, on a copy of the
 layer's effective weight kept here; every episode then builds its factorized modules from
 truncations of it. :func:`output_covariances` observes the layers' responses on training images for
-data-aware factorization.
+data-aware factorization, :func:`input_grams` their inputs for channel pruning.
 
 A layer that is already factorized (a later stage of multi-stage compression) stays compressible:
 its factors are multiplied back into the effective kernel, which is factorized again at the lower
@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rlrank.describe import effective_bias, effective_weight
@@ -72,6 +73,7 @@ class FactorCache:
         output_covariances: Mapping[str, torch.Tensor] | None = None,
         weights: Mapping[str, torch.Tensor] | None = None,
         alternations: int = 1,
+        input_grams: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.decomposition = check_decomposition(decomposition)
         self.alternations = max(1, int(alternations))
@@ -91,6 +93,7 @@ class FactorCache:
                     weight=weight.detach().to("cpu", torch.float64).clone(),
                     bias=None if bias is None else bias.detach().to("cpu", torch.float64).clone(),
                     covariance=covariances.get(name),
+                    input_gram=(input_grams or {}).get(name),
                 )
 
     @property
@@ -152,7 +155,10 @@ class FactorCache:
         ``filters`` > 0 a :class:`~rlrank.methods.sparse_residual.SparseResidualLayer` that also keeps
         that many whole filters of the residual (see ``alternations``)."""
         if not filters:
-            return self._load(name, self._empty(name, ranks, device, dtype), self.factors(name, ranks))
+            ranks = tuple(int(r) for r in ranks)
+            module = self._load(name, self._empty(name, ranks, device, dtype), self.factors(name, ranks))
+            self._method(name).finish(module, self._entries[name], ranks)
+            return module
         factors, index, sparse = self._split(name, tuple(int(r) for r in ranks), filters)
         low_rank = self._load(name, self._empty(name, ranks, device, dtype), factors)
         return with_sparse_residual(low_rank, index, sparse.to(device, dtype))
@@ -200,6 +206,63 @@ class FactorCache:
             return self._load(
                 name, self._empty(name, ranks, "cpu", torch.float64), factors
             ).effective_weight()
+
+
+@torch.no_grad()
+def input_grams(
+    model: nn.Module,
+    names: Iterable[str],
+    batches: Iterable[torch.Tensor],
+    positions: int = 10,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """``X^T X / n`` of each named layer's input patches (float64, CPU), for channel pruning.
+
+    A convolution's input is unfolded into the patches its kernel reads (channel-major, as its
+    flattened weight), and ``positions`` of them are sampled per image (He et al. sample 10); a
+    linear layer's inputs are its rows.
+
+    Args:
+        model: The model; run in eval mode.
+        names: Layers to observe (conv or linear modules).
+        batches: Input batches (normalized images), e.g. a few training batches.
+        positions: Patches sampled per image.
+        seed: Seed of the sampled positions.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach()
+            if isinstance(module, nn.Conv2d):
+                patches = F.unfold(
+                    x, module.kernel_size, module.dilation, module.padding, module.stride
+                )  # (N, c * kk, L)
+                count = min(positions, patches.shape[-1])
+                picks = torch.rand(patches.shape[0], patches.shape[-1], generator=generator).argsort(dim=1)
+                picks = picks[:, :count].to(patches.device)
+                rows = patches.gather(2, picks.unsqueeze(1).expand(-1, patches.shape[1], -1))
+                rows = rows.transpose(1, 2).reshape(-1, patches.shape[1])
+            else:
+                rows = x.reshape(-1, x.shape[-1])
+            rows = rows.double()
+            sums[name] = sums.get(name, 0) + (rows.T @ rows).cpu()
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(make_hook(name)) for name in names]
+    try:
+        with preserved_modes(model):
+            model.eval()
+            for images in batches:
+                model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: sums[name] / counts[name] for name in sums}
 
 
 @torch.no_grad()

@@ -38,6 +38,13 @@ class LayerInfo:
         ranks: Current ranks when factorized.
         filters: Whole output filters kept dense beside the low-rank factors (a sparse + low-rank
             layer, ``--sparse``; 0 for any other).
+        producer: The convolution whose output channels are this layer's input channels and nothing
+            else's (through BatchNorm and activations only, :mod:`rlrank.channel_coupling`), or
+            ``None``. Channel pruning (``--decomposition prune``) removes input channels of this
+            layer together with the producer's output channels.
+        producer_macs: MACs of the producer (0 without one).
+        producer_params: Parameters of the producer, its bias included (0 without one).
+        producer_batchnorms: The BatchNorm layers between the producer and this layer.
     """
 
     name: str
@@ -57,6 +64,10 @@ class LayerInfo:
     method: str | None = None
     ranks: tuple[int, ...] | None = None
     filters: int = 0
+    producer: str | None = None
+    producer_macs: int = 0
+    producer_params: int = 0
+    producer_batchnorms: tuple[str, ...] = ()
 
     @property
     def is_pointwise(self) -> bool:
@@ -69,7 +80,8 @@ class LayerInfo:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerInfo:
         data = dict(data)
-        for key in ("kernel", "stride", "padding", "dilation", "in_hw", "out_hw"):
+        data.setdefault("producer_batchnorms", ())
+        for key in ("kernel", "stride", "padding", "dilation", "in_hw", "out_hw", "producer_batchnorms"):
             data[key] = tuple(data[key])
         if data.get("ranks") is not None:
             data["ranks"] = tuple(data["ranks"])

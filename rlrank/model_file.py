@@ -4,7 +4,8 @@ A file holds the format tag, the architecture (:class:`~rlrank.models.ModelSpec`
 structure (:func:`~rlrank.surgery.factorization_of`), the state dict and free metadata, all plain
 containers and tensors, so it loads with ``weights_only=True`` and nothing in it is executed. A
 sparse + low-rank layer (``--sparse``) adds its filter count to its factorization entry; which
-filters it keeps is its ``filter_index`` buffer, in the state dict.
+filters it keeps is its ``filter_index`` buffer, in the state dict. Every layer's channel counts
+(:func:`~rlrank.surgery.channel_counts_of`) rebuild the narrower layers of a pruned model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from rlrank.atomic import save_torch
 from rlrank.models import ModelError, ModelSpec, build_model, builder_of, load_checkpoint, load_state_into
 from rlrank.safe_load import read_tensors
-from rlrank.surgery import apply_factorization, factorization_of
+from rlrank.surgery import apply_channel_counts, apply_factorization, channel_counts_of, factorization_of
 
 MODEL_FORMAT = "rlrank-model/1"
 
@@ -37,6 +38,7 @@ def save(
         "arch": spec.to_dict(),
         "source": source_of(model, spec),
         "factorized": factorization_of(model),
+        "channels": channel_counts_of(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": dict(metadata or {}),
     }
@@ -75,6 +77,7 @@ def load(
         load_checkpoint(model, path)
         return model.to(map_location).eval()
     model = _rebuild(ModelSpec.from_dict(payload["arch"]), payload.get("source") or {})
+    apply_channel_counts(model, payload.get("channels") or {})
     apply_factorization(model, payload["factorized"])
     load_state_into(model, payload["state_dict"], source=str(path))
     return model.to(map_location).eval()

@@ -42,6 +42,7 @@ __all__ = [
     "max_ratio_within",
     "method_for",
     "min_ratio_reaching",
+    "owned_layers",
     "plan_layer",
     "ratio_to_ranks",
     "sparse_plan",
@@ -106,12 +107,38 @@ def is_excluded(name: str, exclude: Sequence[str] | None) -> bool:
 def searched_layers(
     layers: Sequence[LayerInfo], decomposition: str, exclude: Sequence[str] | None = None
 ) -> list[LayerInfo]:
-    """The layers a search chooses ranks for: compressible by ``decomposition`` and not excluded."""
-    return [
+    """The layers a search chooses ranks for: compressible by ``decomposition`` and not excluded.
+
+    A layer whose plan owns its producer's cost (channel pruning) is not searched when that producer
+    is searched too (both would price the producer; in a chain ``A -> B -> C`` the later layer, ``C``,
+    is kept): every layer's cost then belongs to exactly one plan or to none.
+    """
+    candidates = [
         layer
         for layer in layers
         if is_compressible(layer, decomposition) and not is_excluded(layer.name, exclude)
     ]
+    chosen: set[str] = set()
+    owned: set[str] = set()
+    for layer in reversed(candidates):
+        if layer.name in owned or (_owns_producer(layer, decomposition) and layer.producer in chosen):
+            continue
+        chosen.add(layer.name)
+        if _owns_producer(layer, decomposition):
+            owned.add(str(layer.producer))
+    return [layer for layer in candidates if layer.name in chosen]
+
+
+def _owns_producer(layer: LayerInfo, decomposition: str) -> bool:
+    """Whether ``layer``'s plans price its producer too (channel pruning)."""
+    method = get_method(method_for(layer, decomposition))
+    return layer.producer is not None and method.dense_macs(layer) != layer.macs
+
+
+def owned_layers(steps: Sequence[LayerInfo], decomposition: str) -> set[str]:
+    """Layers that are not searched but whose cost the searched layers' plans include (the producers
+    whose output channels pruning removes): left out of a search's fixed cost."""
+    return {str(layer.producer) for layer in steps if _owns_producer(layer, decomposition)}
 
 
 def current_macs(layer: LayerInfo) -> int:
@@ -142,8 +169,10 @@ def is_compressible(layer: LayerInfo, decomposition: str) -> bool:
         return False
     if layer.method is not None:
         return any(r > 1 for r in layer.ranks or ())
-    method = method_for(layer, decomposition)
-    return get_method(method).macs(layer, tuple(1 for _ in full_ranks(layer, method))) < layer.macs
+    method = get_method(method_for(layer, decomposition))
+    if not method.can_compress(layer):
+        return False
+    return method.macs(layer, tuple(1 for _ in method.full_ranks(layer))) < method.dense_macs(layer)
 
 
 @dataclass(frozen=True)
@@ -192,16 +221,17 @@ def plan_layer(
     ``sparse`` > 0 a factorized plan becomes sparse + low-rank within the same MACs
     (:func:`sparse_plan`).
     """
-    if allow_dense and dense_from is not None and layer.method is None and ratio >= dense_from:
-        return LayerPlan(layer.name, ratio, None, None, layer.macs, layer.params)
     method = method_for(layer, decomposition)
-    ranks = _ranks_at(layer, method, ratio)
     priced = get_method(method)
+    dense = LayerPlan(layer.name, ratio, None, None, priced.dense_macs(layer), priced.dense_params(layer))
+    if allow_dense and dense_from is not None and layer.method is None and ratio >= dense_from:
+        return dense
+    ranks = _ranks_at(layer, method, ratio)
     macs = priced.macs(layer, ranks)
-    if layer.method is None and macs >= layer.macs:
+    if layer.method is None and macs >= dense.macs:
         if allow_dense or not is_compressible(layer, decomposition):
-            return LayerPlan(layer.name, ratio, None, None, layer.macs, layer.params)
-        ratio = max_ratio_within(layer, decomposition, layer.macs - 1, min(ratio, 1e-6), ratio)
+            return dense
+        ratio = max_ratio_within(layer, decomposition, dense.macs - 1, min(ratio, 1e-6), ratio)
         return plan_layer(layer, ratio, decomposition, sparse=sparse)
     plan = LayerPlan(layer.name, ratio, method, ranks, macs, priced.params(layer, ranks))
     return sparse_plan(layer, plan, sparse) if sparse > 0 else plan

@@ -76,6 +76,18 @@ def validate(config: SearchConfig) -> None:
         raise ConfigError(
             "--sparse does not work with --latency for now (the latency table times low-rank forms)"
         )
+    if config.decomposition == "prune":
+        refused = {
+            "--stages > 1": config.stages > 1,
+            "--sparse": sparse > 0,
+            "--latency": config.latency_budget is not None,
+            "--admm-epochs": config.admm_epochs > 0,
+        }
+        if any(refused.values()):
+            raise ConfigError(
+                f"--decomposition prune does not work with {', '.join(k for k, v in refused.items() if v)} "
+                "for now (it removes channels; those options act on factorized layers)"
+            )
     fraction("--spread", config.spread)
     fraction("--noise-decay", config.noise_decay)
     for name in ("seed", "split_seed"):
@@ -205,6 +217,11 @@ def prepare(config: SearchConfig, model: nn.Module | None = None, data: DataSpli
     model = model.to(device)
     input_shape = (data.in_channels, data.input_size, data.input_size)
     layers = describe_layers(model, input_shape)
+    if config.decomposition == "prune" and not searched_layers(layers, "prune"):
+        raise ConfigError(
+            f"no layer of {config.model} can be pruned: pruning removes input channels of a layer whose "
+            "input one convolution alone makes (through BatchNorm and activations), and none does"
+        )
     check_exclude(config, layers)
     smallest = smallest_budget(layers, config.decomposition, config.min_ratio, config.exclude, config.sparse)
     for budget in [config.flops, *config.budgets_of_stages(), *(config.train_budgets or [])]:

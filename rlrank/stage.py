@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from rlrank.describe import describe_layers
 from rlrank.envs import OBSERVATION_FEATURES, RankSearchEnv
 from rlrank.errors import SearchError
 from rlrank.evaluator_pool import EvaluatorPool, open_pool
-from rlrank.factor_cache import FactorCache, output_covariances
+from rlrank.factor_cache import FactorCache, input_grams, output_covariances
 from rlrank.finetune import (
     FinetuneConfig,
     NumericalFault,
@@ -101,12 +101,18 @@ def run_stage(
     logger.info("stage %d: searching ranks for %.3f of the dense FLOPs", k, budget)
     layers = describe_layers(model, setup.input_shape)
     steps = searched_layers(layers, config.decomposition, config.exclude)
-    covariances = None
-    if config.data_aware:  # fit output factors to the layers' responses on training images
+    covariances = grams = None
+
+    def training_images() -> Iterator[torch.Tensor]:
         generator = torch.Generator().manual_seed(config.seed + 31 * k)
         batches = data.batches(data.train, config.batch_size, shuffle=True, generator=generator)
-        images = (x for x, _ in itertools.islice(batches, config.data_aware_batches))
-        covariances = output_covariances(model, [layer.name for layer in steps], images)
+        return (x for x, _ in itertools.islice(batches, config.data_aware_batches))
+
+    names = [layer.name for layer in steps]
+    if config.data_aware:  # fit output factors to the layers' responses on training images
+        covariances = output_covariances(model, names, training_images())
+    if config.decomposition == "prune":  # select and refit channels on the layers' inputs
+        grams = input_grams(model, names, training_images(), seed=config.seed + k)
     cache = FactorCache(
         model,
         steps,
@@ -114,6 +120,7 @@ def run_stage(
         hooi_iters=config.hooi_iters,
         seed=config.seed,
         output_covariances=covariances,
+        input_grams=grams,
     )
     cache.prepare_all(progress=progress)
     reward_config = FinetuneConfig(

@@ -6,7 +6,8 @@ factors from the :class:`~rlrank.factor_cache.FactorCache`, each through its met
 changes channel counts, such as pruning, also adapts the layers reading it there);
 :func:`factorization_of` and :func:`apply_factorization` describe a compressed model's structure and
 rebuild it on a fresh dense model (what the model file stores; a sparse + low-rank layer's filter
-count too, its filter indices being a buffer of the state dict).
+count too, its filter indices being a buffer of the state dict); :func:`channel_counts_of` and
+:func:`apply_channel_counts` do the same for the narrower layers of a pruned model.
 """
 
 from __future__ import annotations
@@ -94,6 +95,66 @@ def factorization_of(model: nn.Module) -> dict[str, dict[str, Any]]:
         if isinstance(module, SparseResidualLayer):
             found[name]["filters"] = module.filters
     return found
+
+
+def channel_counts_of(model: nn.Module) -> dict[str, list[int]]:
+    """``{name: [in, out]}`` of every plain convolution and linear layer and ``{name: [features]}`` of
+    every BatchNorm outside factorized layers: what a pruned model's file needs to rebuild its
+    narrower layers (:func:`apply_channel_counts`)."""
+    counts: dict[str, list[int]] = {}
+    factorized = [name for name, m in model.named_modules() if isinstance(m, FactorizedLayer)]
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in factorized):
+            continue
+        if (found := _counts(module)) is not None:
+            counts[name] = found
+    return counts
+
+
+def _counts(module: nn.Module) -> list[int] | None:
+    """``[in, out]`` of a convolution or linear layer, ``[features]`` of a BatchNorm, else ``None``."""
+    if isinstance(module, nn.Conv2d):
+        return [module.in_channels, module.out_channels]
+    if isinstance(module, nn.Linear):
+        return [module.in_features, module.out_features]
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return [module.num_features]
+    return None
+
+
+def apply_channel_counts(model: nn.Module, counts: Mapping[str, list[int]]) -> nn.Module:
+    """Give the layers of ``model`` (freshly built) the channel counts recorded (weights unset)."""
+    for name, recorded in counts.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise DecompositionError(
+                f"layer {name!r} of the saved channel counts is not in the model"
+            ) from None
+        if _counts(module) != list(recorded):
+            replace_module(model, name, _resized(module, [int(c) for c in recorded]))
+    return model
+
+
+def _resized(module: nn.Module, counts: list[int]) -> nn.Module:
+    """An empty layer like ``module`` with other channel counts."""
+    if isinstance(module, nn.Conv2d):
+        return nn.Conv2d(
+            counts[0],
+            counts[1],
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+        )
+    if isinstance(module, nn.Linear):
+        return nn.Linear(counts[0], counts[1], bias=module.bias is not None)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return type(module)(counts[0], module.eps, module.momentum, module.affine, module.track_running_stats)
+    raise DecompositionError(f"cannot give a {type(module).__name__} other channel counts")
 
 
 def apply_factorization(model: nn.Module, factorization: Mapping[str, Mapping[str, Any]]) -> nn.Module:

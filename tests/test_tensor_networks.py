@@ -79,8 +79,8 @@ def _layer(key: str) -> tuple[nn.Sequential, tuple[int, int, int]]:
 # ------------------------------------------------------------------------------------------
 
 
-def test_registered_after_the_other_methods() -> None:
-    assert list_methods()[-2:] == ["tt", "tr"]
+def test_registered_after_the_low_rank_methods_before_pruning() -> None:
+    assert list_methods()[-3:] == ["tt", "tr", "prune"]
 
 
 def test_channel_modes() -> None:

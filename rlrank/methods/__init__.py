@@ -17,6 +17,7 @@ from rlrank.methods.base import (
     LayerWeights,
 )
 from rlrank.methods.cp import CP, CPConv
+from rlrank.methods.prune import ChannelPruning, PrunedLayer
 from rlrank.methods.sparse_residual import SparseResidualLayer
 from rlrank.methods.svd import SVD, SVDConv, SVDLinear
 from rlrank.methods.tr import TR, TRConv
@@ -55,7 +56,7 @@ def get_method(name: str) -> CompressionMethod:
         ) from None
 
 
-for _method in (Tucker2(), SVD(), CP(), TT(), TR()):
+for _method in (Tucker2(), SVD(), CP(), TT(), TR(), ChannelPruning()):
     register_method(_method)
 
 __all__ = [
@@ -64,12 +65,14 @@ __all__ = [
     "POINTWISE_METHOD",
     "SVD",
     "CPConv",
+    "ChannelPruning",
     "CompressionMethod",
     "DecompositionError",
     "FactorSettings",
     "FactorizedLayer",
     "LayerSpectrum",
     "LayerWeights",
+    "PrunedLayer",
     "SVDConv",
     "SVDLinear",
     "SparseResidualLayer",

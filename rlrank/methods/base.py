@@ -171,6 +171,8 @@ class LayerWeights:
         weight: Its effective dense weight (float64, CPU; a copy).
         bias: Its bias (float64, CPU), or ``None``.
         covariance: Covariance of its outputs on training data (data-aware factorization), or ``None``.
+        input_gram: ``X^T X`` of its input patches on training data (channel pruning's selection and
+            least-squares refit, :func:`rlrank.factor_cache.input_grams`), or ``None``.
         store: The method's own precomputations (SVDs, cores, memoized factors), filled by
             :meth:`CompressionMethod.prepare` and :meth:`CompressionMethod.factors`.
     """
@@ -180,6 +182,7 @@ class LayerWeights:
     bias: torch.Tensor | None
     covariance: torch.Tensor | None = None
     store: dict[str, Any] = field(default_factory=dict)
+    input_gram: torch.Tensor | None = None
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -236,6 +239,19 @@ class CompressionMethod(ABC):
     def params(self, layer: LayerInfo, ranks: tuple[int, ...]) -> int:
         """Parameters of ``layer`` replaced at ``ranks`` (bias included)."""
 
+    def dense_macs(self, layer: LayerInfo) -> int:
+        """MACs this method's plans of ``layer`` stand in for: the layer's own (channel pruning adds
+        the producer whose output channels it removes, :attr:`LayerInfo.producer`)."""
+        return layer.macs
+
+    def dense_params(self, layer: LayerInfo) -> int:
+        """Parameters this method's plans of ``layer`` stand in for (see :meth:`dense_macs`)."""
+        return layer.params
+
+    def can_compress(self, layer: LayerInfo) -> bool:
+        """Whether this method applies to ``layer`` at all (pruning: only where it has a producer)."""
+        return True
+
     # ------------------------------------------------------------------ factors
 
     def unfoldings(self, entry: LayerWeights) -> list[torch.Tensor]:
@@ -270,6 +286,9 @@ class CompressionMethod(ABC):
         self, entry: LayerWeights, ranks: tuple[int, ...], settings: FactorSettings
     ) -> list[torch.Tensor]:
         """Weights of the factor layers at ``ranks`` (float64, CPU), in the module's child order."""
+
+    def finish(self, module: FactorizedLayer, entry: LayerWeights, ranks: tuple[int, ...]) -> None:  # noqa: B027 - optional hook
+        """Give a built module at ``ranks`` what its factors do not carry (pruning: the kept channels)."""
 
     def check_ranks(self, layer: LayerInfo, ranks: tuple[int, ...]) -> None:
         """Raise :class:`DecompositionError` unless every rank lies in ``1..full``."""
