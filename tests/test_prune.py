@@ -18,7 +18,9 @@ from rlrank.data import DataConfig, load_data
 from rlrank.describe import describe_layers
 from rlrank.errors import ConfigError
 from rlrank.factor_cache import FactorCache, input_grams
+from rlrank.export import export_model
 from rlrank.flops import count_model
+from rlrank.fusion import fuse_for_inference
 from rlrank.methods import get_method
 from rlrank.methods.prune import contribution_gram, refit
 from rlrank.model_file import save
@@ -263,3 +265,16 @@ def test_the_dry_run_says_which_layers_pruning_changes(tmp_path, capsys):
     assert lines["conv2"].endswith("pruned with conv3 (output channels)")
     assert "dense" in lines["conv1"] and "dense" in lines["fc"]
     assert "1 searched with prune;" in lines["tiny:"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_pruned_model_exports_and_fuses(tmp_path, fmt):
+    model = resnet20()
+    _, steps, cache = pruning_cache(model)
+    pruned = decompose_model(model, [plan_layer(step, 0.4, "prune") for step in steps], cache).eval()
+    result = export_model(pruned, tmp_path / "m", fmt, SHAPE, batch=2)
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    fused = fuse_for_inference(pruned)  # every BatchNorm folded, the sliced ones included
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn((3, *SHAPE))
+    torch.testing.assert_close(fused(x), pruned(x), atol=1e-4, rtol=1e-4)
