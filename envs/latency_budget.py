@@ -156,7 +156,8 @@ def fallback_ratios(
     the steps at their lowest ratios fit ``max_macs`` (the FLOP budget left for them)."""
     dense_from = [table.layers[step.name].dense_from() for step in steps]
     lowest = [plan_layer(step, low, decomposition).macs for step, low in zip(steps, lows, strict=True)]
-    order = sorted(range(len(steps)), key=lambda i: lowest[i] - steps[i].macs)
+    dense = [plan_layer(step, 1.0, decomposition).macs for step in steps]  # pruning: with its producer
+    order = sorted(range(len(steps)), key=lambda i: lowest[i] - dense[i])
     for i in [None, *order]:
         if i is not None:
             dense_from[i] = None

@@ -14,7 +14,7 @@ import copy
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from rlrank.errors import StorageError
 from rlrank.inference import ChannelsLast, faster_layout, groupings, is_chain
 from rlrank.layers import LayerInfo
 from rlrank.methods import get_method
+from rlrank.methods.prune import sliced_outputs
 from rlrank.modes import preserved_modes
 from rlrank.planning import current_ratio, method_for, plan_layer
 from rlrank.timing import time_interleaved
@@ -136,17 +137,27 @@ def measure_table(
         x = torch.randn((batch, *input_shape), device=device)
         runner = faster_layout(model, x, rounds)  # the layout the model runs fastest in
         channels_last = isinstance(runner, ChannelsLast)
+        inputs = _input_shapes(model, x, [str(s.producer) for s in steps if s.producer is not None])
         for layer in bar:
             module = model.get_submodule(layer.name)
             shape = (layer.in_channels,) if layer.kind == "linear" else (layer.in_channels, *layer.in_hw)
             method = method_for(layer, decomposition)
             forms, owners = [module], [-1]
+            if method == "prune":  # the layer and its producer, narrower together
+                producer = model.get_submodule(str(layer.producer))
+                forms = [_PrunedPair(producer, module, torch.randn((batch, *shape), device=device))]
+                shape = inputs[str(layer.producer)]
             for index, ratio in enumerate(grid):
                 ranks = plan_layer(layer, ratio, decomposition, allow_dense=False).ranks
                 factorized = get_method(method).build_module(geometry_of(module), ranks).to(device).eval()
                 for param in factorized.parameters():  # uninitialized memory may hold slow denormals
                     nn.init.normal_(param, std=0.05)
-                grouped = groupings(factorized) if is_chain(factorized) else [factorized]
+                if method == "prune":
+                    narrower = torch.randn((batch, ranks[0], *_map_shape(layer)), device=device)
+                    kept = torch.arange(ranks[0], device=device)
+                    grouped = [_PrunedPair(sliced_outputs(producer, kept), factorized.layer, narrower)]
+                else:
+                    grouped = groupings(factorized) if is_chain(factorized) else [factorized]
                 forms += grouped
                 owners += [index] * len(grouped)
             if channels_last and layer.kind != "linear":
@@ -161,6 +172,46 @@ def measure_table(
         (model_ms,) = time_interleaved([runner], x, rounds)
     fixed = max(0.0, model_ms - sum(entry.dense_ms for entry in layers.values()))
     return LatencyTable(device.type, batch, model_ms, fixed, layers, channels_last)
+
+
+class _PrunedPair(nn.Module):
+    """What pruning a layer's input channels changes, for timing: its producer on the producer's
+    input, then the layer on an input of its (narrower) width. The per-channel operations between
+    them (BatchNorm, activation) are left in the fixed rest."""
+
+    def __init__(self, producer: nn.Module, layer: nn.Module, layer_input: torch.Tensor) -> None:
+        super().__init__()
+        self.producer = producer
+        self.layer = layer
+        self.register_buffer("layer_input", layer_input)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.producer(x)
+        return self.layer(self.layer_input)
+
+
+def _map_shape(layer: LayerInfo) -> tuple[int, ...]:
+    """A layer's input shape after its channels: its input map, or nothing for a linear layer."""
+    return () if layer.kind == "linear" else tuple(layer.in_hw)
+
+
+def _input_shapes(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Each named module's input shape (one input, batch left out) on ``x``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
+    try:
+        model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
 
 
 def table_key(
@@ -231,12 +282,22 @@ def latency_table(
     return table
 
 
-def predicted_latency_ratio(table: LatencyTable, layers: Sequence[LayerInfo]) -> float:
+def predicted_latency_ratio(
+    table: LatencyTable, layers: Sequence[LayerInfo], dense_layers: Sequence[LayerInfo] = ()
+) -> float:
     """A model's latency as a fraction of the dense model's, predicted from ``table``: each of its
-    layers in the table at its current ranks (dense or factorized), plus the fixed rest."""
+    layers in the table at its current ranks (dense or factorized) or, when narrower than in
+    ``dense_layers`` (pruned), at its kept fraction of input channels; plus the fixed rest."""
+    widths = {layer.name: layer.in_channels for layer in dense_layers}
     spent = 0.0
     for layer in layers:
         entry = table.layers.get(layer.name)
-        if entry is not None:
-            spent += entry.dense_ms if layer.method is None else entry.factorized(current_ratio(layer))
+        if entry is None:
+            continue
+        if layer.method is not None:
+            spent += entry.factorized(current_ratio(layer))
+        elif layer.in_channels < widths.get(layer.name, layer.in_channels):
+            spent += entry.factorized(layer.in_channels / widths[layer.name])
+        else:
+            spent += entry.dense_ms
     return (table.fixed_ms + spent) / table.model_ms

@@ -181,7 +181,7 @@ def _stages_and_report(folder: RunFolder, setup: Setup, started: float, progress
     if setup.latency_table is not None:
         report.latency_budget = config.latency_budget
         report.predicted_latency_ratio = predicted_latency_ratio(
-            setup.latency_table, describe_layers(model, setup.input_shape)
+            setup.latency_table, describe_layers(model, setup.input_shape), setup.layers
         )
     if config.latency:
         batches = sorted({*LATENCY_BATCHES, config.latency_batch if config.latency_budget else 1})

@@ -6,6 +6,7 @@ import copy
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,10 +18,11 @@ from rlrank.channel_coupling import channel_producers
 from rlrank.data import DataConfig, load_data
 from rlrank.describe import describe_layers
 from rlrank.errors import ConfigError
-from rlrank.factor_cache import FactorCache, input_grams
 from rlrank.export import export_model
+from rlrank.factor_cache import FactorCache, input_grams
 from rlrank.flops import count_model
 from rlrank.fusion import fuse_for_inference
+from rlrank.latency_table import measure_table, predicted_latency_ratio
 from rlrank.methods import get_method
 from rlrank.methods.prune import contribution_gram, refit
 from rlrank.model_file import save
@@ -238,7 +240,6 @@ def test_a_pruning_policy_is_reused_on_another_budget(tmp_path):
     [
         (["--stages", "2"], "--stages > 1"),
         (["--sparse", "0.2"], "--sparse"),
-        (["--latency", "0.9"], "--latency"),
         (["--admm-epochs", "1"], "--admm-epochs"),
     ],
 )
@@ -278,3 +279,43 @@ def test_a_pruned_model_exports_and_fuses(tmp_path, fmt):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     x = torch.randn((3, *SHAPE))
     torch.testing.assert_close(fused(x), pruned(x), atol=1e-4, rtol=1e-4)
+
+
+def test_the_latency_table_times_a_pruned_layer_with_its_producer():
+    model = resnet20()
+    layers = describe_layers(model, SHAPE)
+    steps = searched_layers(layers, "prune")
+    table = measure_table(model, steps, "prune", SHAPE, 4, torch.device("cpu"), min_ratio=0.1, rounds=3)
+    assert set(table.layers) == {s.name for s in steps}
+    for entry in table.layers.values():
+        assert entry.ratios[0] == 0.1 and np.all(np.diff(entry.factorized_ms) >= 0)
+    # a pruned model's layers are plain and narrower: predicted at their kept fraction of channels
+    _, _, cache = pruning_cache(model)
+    plans = [plan_layer(step, 0.5, "prune") for step in steps]
+    pruned = describe_layers(decompose_model(model, plans, cache), SHAPE)
+    expected = table.fixed_ms + sum(
+        table.layers[p.name].factorized(p.ranks[0] / s.in_channels) for p, s in zip(plans, steps, strict=True)
+    )
+    assert predicted_latency_ratio(table, pruned, layers) == pytest.approx(expected / table.model_ms)
+    assert predicted_latency_ratio(table, layers, layers) == pytest.approx(1.0)
+
+
+def test_a_pruning_search_with_a_latency_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLRANK_CACHE", str(tmp_path / "cache"))
+    args = [
+        *SEARCH,
+        "--flops",
+        "0.6",
+        "--latency",
+        "1.0",
+        "--latency-batch",
+        "8",
+        "--out",
+        str(tmp_path / "runs"),
+    ]
+    assert main(args) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    rows = read_rows(run / "stage-1" / "episodes.jsonl")
+    assert rows and all(r["latency_ratio"] <= 1.0 + 1e-9 and r["flops_ratio"] <= 0.6 + 1e-9 for r in rows)
+    report = json.loads((run / "report.json").read_text())
+    assert 0 < report["predicted_latency_ratio"] <= 1.0 + 1e-9
