@@ -1,16 +1,18 @@
-"""Benchmark: the compression methods side by side (Tucker-2, CP, tensor train, tensor ring).
+"""Benchmark: the compression methods side by side (Tucker-2, CP, tensor train, tensor ring, pruning).
 
-ResNet-20 on ``../shared`` CIFAR-10 at ``--flops 0.5``: the same search for every
-``--decomposition`` (DDPG, the same episodes, warm-up, cheap-fine-tune reward and seed), then the
-same final fine-tune. One table: best validation reward (the selection criterion), test accuracy
-after the final fine-tune, FLOP and parameter ratios, and the latency the search measured (batch 1
-and 64, with the speed-up over the dense model), appended to ``experiments/RESULTS.md`` with a line
-naming the best method for each goal.
+A pretrained CIFAR ResNet (``--model``) on ``../shared`` CIFAR-10 at ``--flops 0.5``: the same search
+for every ``--decomposition`` (DDPG, the same episodes, warm-up, cheap-fine-tune reward and seed),
+then the same final fine-tune. One table: best validation reward (the selection criterion), test
+accuracy after the final fine-tune, FLOP and parameter ratios, the latency the search measured
+(batch 1 and 64, with the speed-up over the dense model), the batch-64 speed-up of both models in
+their fastest inference form and its ratio to the FLOP speed-up (issue 17's measure), appended to
+``experiments/RESULTS.md`` with a line naming the best method for each goal.
 
 Run from the repository root::
 
     python experiments/bench_methods.py
     python experiments/bench_methods.py --episodes 100 --final-epochs 5 --device cuda
+    python experiments/bench_methods.py --model resnet56 --methods tucker2 prune --episodes 200
     python experiments/bench_methods.py --dataset digits --model tiny --methods tucker2 tt \
         --episodes 2 --final-epochs 0.1 --no-append   # a smoke test on the embedded data
 """
@@ -104,6 +106,9 @@ def results_frame(runs: dict[str, recording.SearchRun]) -> pd.DataFrame:
             entry = latency.get(batch, {})
             row[f"{batch} ms"] = entry.get("compressed", float("nan"))
             row[f"{batch} speed-up"] = entry.get("speedup", float("nan"))
+        fast = latency.get("batch64", {}).get("speedup_fast", float("nan"))
+        row["b64 speed-up fast"] = fast
+        row["b64 fast / FLOP speed-up"] = fast * report["compressed"]["flops_ratio"]
         row["search s"] = report["search_seconds"]
         row["run wall s"] = run.wall_s
         rows.append(row)
@@ -121,11 +126,13 @@ def results_table(frame: pd.DataFrame) -> str:
         column = f"latency b{batch[5:]} ms (speed-up)"
         pairs = zip(frame[f"{batch} ms"], frame[f"{batch} speed-up"], strict=True)
         cells = [_latency(ms, speedup, digits) for ms, speedup in pairs]
-        shown.insert(len(shown.columns) - 2, column, pd.Series(cells, dtype=object))
+        shown.insert(shown.columns.get_loc("b64 speed-up fast"), column, pd.Series(cells, dtype=object))
     formats = {
         "Δ test vs dense": "+.4f",
         "FLOP ratio": ".3f",
         "param ratio": ".3f",
+        "b64 speed-up fast": ".2f",
+        "b64 fast / FLOP speed-up": ".2f",
         "search s": ".0f",
         "run wall s": ".0f",
     }
