@@ -51,7 +51,8 @@ class RankSearchEnv(gym.Env):
     step the agent picks the rank ratio of the current layer; after the last layer the strategy is
     applied (factors from a per-layer cache), the compressed model gets a cheap fine-tune and its
     validation accuracy is the reward. This is the search of AMC (He et al., 2018) with low-rank
-    factorization in place of channel pruning.
+    factorization, or with its channel pruning (``decomposition="prune"``: a step is a layer whose
+    input channels one convolution makes, its ratio the fraction of them kept, its plan that pair's).
 
     ## Action Space
 
@@ -118,7 +119,7 @@ class RankSearchEnv(gym.Env):
       :meth:`outcome` turns the evaluation into the reward and the rest of ``info``.
     * ``budget``: fraction of the dense model's MACs to keep at most.
     * ``budgets``: several targets, cycled per episode (training one policy for many budgets).
-    * ``decomposition``: ``tucker2``, ``svd`` or ``cp`` for k x k convolutions.
+    * ``decomposition``: a registered method (``tucker2``, ``svd``, ``cp``, ``tt``, ``tr``, ``prune``).
     * ``min_ratio``: the smallest rank ratio.
     * ``reward``: ``acc`` or ``acc-logflops``.
     * ``total_params``: parameters of the dense model (default: those of the layers).

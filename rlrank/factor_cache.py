@@ -253,7 +253,12 @@ def input_grams(
 
         return hook
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(make_hook(name)) for name in names]
+    _observe(model, [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names], batches)
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def _observe(model: nn.Module, handles: list, batches: Iterable[torch.Tensor]) -> None:
+    """Run ``batches`` through ``model`` in eval mode, then remove the hooks ``handles``."""
     try:
         with preserved_modes(model):
             model.eval()
@@ -262,7 +267,6 @@ def input_grams(
     finally:
         for h in handles:
             h.remove()
-    return {name: sums[name] / counts[name] for name in sums}
 
 
 @torch.no_grad()
@@ -299,13 +303,5 @@ def output_covariances(
 
         return hook
 
-    handles = [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in names]
-    try:
-        with preserved_modes(model):
-            model.eval()
-            for images in batches:
-                model(images)
-    finally:
-        for h in handles:
-            h.remove()
+    _observe(model, [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names], batches)
     return {name: (sums[name] / counts[name]).cpu() for name in sums}

@@ -125,15 +125,18 @@ def _counts(module: nn.Module) -> list[int] | None:
 def apply_channel_counts(model: nn.Module, counts: Mapping[str, list[int]]) -> nn.Module:
     """Give the layers of ``model`` (freshly built) the channel counts recorded (weights unset)."""
     for name, recorded in counts.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise DecompositionError(
-                f"layer {name!r} of the saved channel counts is not in the model"
-            ) from None
+        module = _saved_layer(model, name, "channel counts")
         if _counts(module) != list(recorded):
             replace_module(model, name, _resized(module, [int(c) for c in recorded]))
     return model
+
+
+def _saved_layer(model: nn.Module, name: str, what: str) -> nn.Module:
+    """The layer ``name`` of ``model`` that a model file's ``what`` names."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise DecompositionError(f"layer {name!r} of the saved {what} is not in the model") from None
 
 
 def _resized(module: nn.Module, counts: list[int]) -> nn.Module:
@@ -160,12 +163,7 @@ def _resized(module: nn.Module, counts: list[int]) -> nn.Module:
 def apply_factorization(model: nn.Module, factorization: Mapping[str, Mapping[str, Any]]) -> nn.Module:
     """Give ``model`` (freshly built, dense) the factorized structure described (weights unset)."""
     for name, entry in factorization.items():
-        try:
-            dense = model.get_submodule(name)
-        except AttributeError:
-            raise DecompositionError(
-                f"layer {name!r} of the saved factorization is not in the model"
-            ) from None
+        dense = _saved_layer(model, name, "factorization")
         ranks = tuple(int(r) for r in entry["ranks"])
         filters = int(entry.get("filters", 0))
         replace_module(model, name, empty_factorized(dense, str(entry["method"]), ranks, filters))
