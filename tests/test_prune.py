@@ -96,9 +96,36 @@ def test_a_chain_keeps_its_later_layer_and_owns_the_producer():
     assert [s.name for s in searched_layers(layers, "prune", exclude=["conv3"])] == ["conv2"]
 
 
-def test_planned_cost_is_the_pruned_models_cost():
-    model = resnet20()
-    layers, steps, cache = pruning_cache(model)
+class SmallVGG(nn.Module):
+    """Pairs through max pooling, a chain of three convolutions, linear pairs through dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Linear(16, 32), nn.ReLU(), nn.Dropout(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "small_vgg", "mobilenet_v2"])
+def test_planned_cost_is_the_pruned_models_cost(name):
+    if name == "resnet20":
+        model, shape = resnet20(), SHAPE
+    elif name == "small_vgg":
+        model, shape = SmallVGG().eval(), SHAPE
+    else:  # an inverted-residual network: two pairs between blocks without a shortcut
+        model, shape = build_model(ModelSpec(name, 10, 3, 32)).eval(), (3, 32, 32)
+    layers = describe_layers(model, shape)
+    steps = searched_layers(layers, "prune")
+    grams = input_grams(model, [s.name for s in steps], [torch.randn((4, *shape))])
+    cache = FactorCache(model, steps, "prune", input_grams=grams)
     owned = owned_layers(steps, "prune") | {s.name for s in steps}
     fixed_macs = sum(layer.macs for layer in layers if layer.name not in owned)
     fixed_params = sum(layer.params for layer in layers if layer.name not in owned)
@@ -112,9 +139,9 @@ def test_planned_cost_is_the_pruned_models_cost():
             if isinstance(m, (nn.Conv2d, nn.Linear))
             for p in m.parameters()
         )
-        assert fixed_macs + sum(p.macs for p in plans) == count_model(pruned, SHAPE).macs
+        assert fixed_macs + sum(p.macs for p in plans) == count_model(pruned, shape).macs
         assert fixed_params + sum(p.params for p in plans) == weights
-        assert pruned(torch.randn((2, *SHAPE))).shape == (2, 10)
+        assert pruned(torch.randn((2, *shape))).shape == (2, 10)
 
 
 def test_keeping_every_channel_reproduces_the_model():
