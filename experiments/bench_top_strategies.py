@@ -59,30 +59,51 @@ def top_rows(rows: list[dict], top: int) -> list[dict]:
     return chosen
 
 
+def logged_plans(row: dict, steps: list) -> list:
+    """The strategy an episode log row records, as one ``LayerPlan`` per searched layer."""
+    from rlrank.methods import get_method
+    from rlrank.planning import LayerPlan
+
+    plans = []
+    for layer in steps:
+        entry = row["layers"][layer.name]
+        if entry["method"] is None:
+            plans.append(LayerPlan(layer.name, entry["ratio"], None, None, layer.macs, layer.params))
+            continue
+        method, ranks = get_method(entry["method"]), tuple(entry["ranks"])
+        plans.append(
+            LayerPlan(
+                layer.name,
+                entry["ratio"],
+                entry["method"],
+                ranks,
+                method.macs(layer, ranks),
+                method.params(layer, ranks),
+            )
+        )
+    return plans
+
+
 def price_run(run: Path, top: int) -> pd.DataFrame:
     """Per top strategy of ``run``: its logged reward and its accuracy on the reward's images, the
     rest of the validation split and the test split (BN re-estimated, as the reward does)."""
     from rlrank.config import SearchConfig
     from rlrank.data import ImageSplit
-    from rlrank.factor_cache import FactorCache
     from rlrank.finetune import FinetuneConfig
-    from rlrank.methods import get_method
     from rlrank.model_file import load
-    from rlrank.planning import LayerPlan, searched_layers
+    from rlrank.planning import searched_layers
     from rlrank.preflight import prepare
     from rlrank.reward import RewardEvaluator
     from rlrank.run_folder import CONFIG_FILE, DENSE_MODEL_FILE, EPISODES_FILE, read_json
     from rlrank.runlog import read_rows
+    from rlrank.stage import stage_factor_cache
 
     config = SearchConfig.from_dict(read_json(run / CONFIG_FILE))
     setup = prepare(config)
     if (run / DENSE_MODEL_FILE).is_file():  # the run trained its dense model (no --checkpoint)
         setup.model.load_state_dict(load(run / DENSE_MODEL_FILE, map_location=setup.device).state_dict())
     steps = searched_layers(setup.layers, config.decomposition, config.exclude)
-    cache = FactorCache(
-        setup.model, steps, config.decomposition, hooi_iters=config.hooi_iters, seed=config.seed
-    )
-    cache.prepare_all(progress=False)
+    cache = stage_factor_cache(setup.model, steps, config, setup.data)  # the search's own cache
     data, n = setup.data, config.reward_val_images
     val = data.val.load()
     if len(val) <= n:
@@ -103,26 +124,9 @@ def price_run(run: Path, top: int) -> pd.DataFrame:
         name: RewardEvaluator(setup.model, cache, replace(data, val=split), reward, seed=config.seed)
         for name, split in splits.items()
     }
-    layers = {layer.name: layer for layer in steps}
     records = []
     for rank, row in enumerate(top_rows(read_rows(run / "stage-1" / EPISODES_FILE), top)):
-        plans = []
-        for name, layer in layers.items():
-            entry = row["layers"][name]
-            if entry["method"] is None:
-                plans.append(LayerPlan(name, entry["ratio"], None, None, layer.macs, layer.params))
-            else:
-                method, ranks = get_method(entry["method"]), tuple(entry["ranks"])
-                plans.append(
-                    LayerPlan(
-                        name,
-                        entry["ratio"],
-                        entry["method"],
-                        ranks,
-                        method.macs(layer, ranks),
-                        method.params(layer, ranks),
-                    )
-                )
+        plans = logged_plans(row, steps)
         record = {"rank": rank, "episode": row["episode"], "logged reward": row["reward"]}
         for name, evaluator in evaluators.items():
             evaluator.set_episode(1, row["episode"])  # stage 1; with common batches, its one BN stream

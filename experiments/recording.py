@@ -201,16 +201,15 @@ def priced_setup(cli: list[str], flops: float, device: str) -> Priced:
     """Prepare ``rlrank.search`` options ``cli`` at budget ``flops`` and factorize every compressible
     layer once (torch is imported here, not by this module)."""
     from rlrank.envs import RankSearchEnv
-    from rlrank.factor_cache import FactorCache
-    from rlrank.planning import is_compressible
+    from rlrank.planning import searched_layers
     from rlrank.preflight import prepare
     from rlrank.search import build_parser, config_from_args
+    from rlrank.stage import stage_factor_cache
 
     config = config_from_args(build_parser().parse_args([*cli, "--flops", str(flops), "--device", device]))
     setup = prepare(config)
-    steps = [layer for layer in setup.layers if is_compressible(layer, config.decomposition)]
-    cache = FactorCache(setup.model, steps, config.decomposition, seed=0)
-    cache.prepare_all(progress=False)
+    steps = searched_layers(setup.layers, config.decomposition, config.exclude)
+    cache = stage_factor_cache(setup.model, steps, config, setup.data)
     env = RankSearchEnv(
         setup.layers, None, budget=flops, decomposition=config.decomposition, min_ratio=config.min_ratio
     )

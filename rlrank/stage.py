@@ -26,6 +26,7 @@ from rlrank.atomic import write_json
 from rlrank.callbacks import BestTracker, CallbackList, Checkpointer, EpisodeLog, FailureLimit, ProgressBar
 from rlrank.checkpoint import SearchProgress, restore_checkpoint
 from rlrank.config import SearchConfig
+from rlrank.data import DataSplits
 from rlrank.describe import describe_layers
 from rlrank.envs import OBSERVATION_FEATURES, RankSearchEnv
 from rlrank.errors import SearchError
@@ -101,28 +102,7 @@ def run_stage(
     logger.info("stage %d: searching ranks for %.3f of the dense FLOPs", k, budget)
     layers = describe_layers(model, setup.input_shape)
     steps = searched_layers(layers, config.decomposition, config.exclude)
-    covariances = grams = None
-
-    def training_images() -> Iterator[torch.Tensor]:
-        generator = torch.Generator().manual_seed(config.seed + 31 * k)
-        batches = data.batches(data.train, config.batch_size, shuffle=True, generator=generator)
-        return (x for x, _ in itertools.islice(batches, config.data_aware_batches))
-
-    names = [layer.name for layer in steps]
-    if config.data_aware:  # fit output factors to the layers' responses on training images
-        covariances = output_covariances(model, names, training_images())
-    if config.decomposition == "prune":  # select and refit channels on the layers' inputs
-        grams = input_grams(model, names, training_images(), seed=config.seed + k)
-    cache = FactorCache(
-        model,
-        steps,
-        config.decomposition,
-        hooi_iters=config.hooi_iters,
-        seed=config.seed,
-        output_covariances=covariances,
-        input_grams=grams,
-    )
-    cache.prepare_all(progress=progress)
+    cache = stage_factor_cache(model, steps, config, data, k, progress)
     reward_config = FinetuneConfig(
         steps=config.finetune_steps,
         lr=config.finetune_lr,
@@ -316,6 +296,43 @@ def _agent_context(config: SearchConfig, env: RankSearchEnv, cache: FactorCache,
         critics=config.critics,
         policy=config.policy,
     )
+
+
+def stage_factor_cache(
+    model: nn.Module,
+    steps: Sequence[LayerInfo],
+    config: SearchConfig,
+    data: DataSplits,
+    k: int = 1,
+    progress: bool = False,
+) -> FactorCache:
+    """Stage ``k``'s factor cache of ``steps``, every layer factorized: with ``--data-aware`` the
+    layers' output covariances, with pruning their input Gram matrices, on ``--data-aware-batches``
+    training batches (the same ones for a given seed and stage, so a resumed or re-priced search
+    builds the same cache)."""
+
+    def training_images() -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(config.seed + 31 * k)
+        batches = data.batches(data.train, config.batch_size, shuffle=True, generator=generator)
+        return (x for x, _ in itertools.islice(batches, config.data_aware_batches))
+
+    names = [layer.name for layer in steps]
+    covariances = grams = None
+    if config.data_aware:  # fit output factors to the layers' responses on training images
+        covariances = output_covariances(model, names, training_images())
+    if config.decomposition == "prune":  # select and refit channels on the layers' inputs
+        grams = input_grams(model, names, training_images(), seed=config.seed + k)
+    cache = FactorCache(
+        model,
+        steps,
+        config.decomposition,
+        hooi_iters=config.hooi_iters,
+        seed=config.seed,
+        output_covariances=covariances,
+        input_grams=grams,
+    )
+    cache.prepare_all(progress=progress)
+    return cache
 
 
 def _search(

@@ -282,6 +282,26 @@ def test_bench_top_strategies(
     assert "re-ranked test (BN only)" in table.columns
 
 
+def test_bench_prune_selection(
+    script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--dataset", "digits", "--model", "resnet20", "--methods", "prune", "--agent", "random", "--episodes", "4"]
+    argv += ["--final-epochs", "0", *TINY_SEARCH, "--out", str(tmp_path / "runs"), "--no-append"]
+    assert script("bench_methods").main(argv) == 0
+    selection = script("bench_prune_selection")
+    (run,) = (tmp_path / "runs" / "flops0.5-prune-seed0").glob("*/report.json")
+    priced = selection.price_run(run.parent, 2)
+    # rlrank's own variant reproduces the logged rewards: the same channels, weights and BN batches
+    assert priced["lasso + refit: reward"].tolist() == pytest.approx(
+        priced["logged reward"].tolist(), abs=1e-9
+    )
+    assert priced.filter(like=": test").notna().all().all() and len(priced) == 2
+    capsys.readouterr()
+    assert selection.main(["--runs", str(tmp_path / "runs"), "--top", "2", "--no-append"]) == 0
+    (table,) = _tables(_section(capsys.readouterr().out, "Channel selection of pruning (runs)"))
+    assert table["variant"].tolist() == ["lasso + refit", "lasso", "norm"]
+
+
 @pytest.mark.slow
 def test_bench_selectors_with_ablations_and_correlation(
     script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
