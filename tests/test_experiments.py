@@ -285,7 +285,18 @@ def test_bench_top_strategies(
 def test_bench_prune_selection(
     script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--dataset", "digits", "--model", "resnet20", "--methods", "prune", "--agent", "random", "--episodes", "4"]
+    argv = [
+        "--dataset",
+        "digits",
+        "--model",
+        "resnet20",
+        "--methods",
+        "prune",
+        "--agent",
+        "random",
+        "--episodes",
+        "4",
+    ]
     argv += ["--final-epochs", "0", *TINY_SEARCH, "--out", str(tmp_path / "runs"), "--no-append"]
     assert script("bench_methods").main(argv) == 0
     selection = script("bench_prune_selection")
