@@ -7,6 +7,7 @@ never a torn one.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import tempfile
@@ -81,10 +82,19 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 def save_torch(path: str | Path, obj: Any) -> Path:
     """``torch.save`` atomically; keep ``obj`` to tensors and plain containers so that it loads with
-    ``weights_only=True``."""
+    ``weights_only=True``.
+
+    The object is serialized in memory first: torch's writer calls back into Python for every chunk
+    it writes to a file object and turns any exception raised there, a Ctrl-C's
+    ``KeyboardInterrupt`` included, into a ``RuntimeError`` ("unexpected pos"), which would read as a
+    full disk. In memory no Python runs inside ``torch.save``, so a Ctrl-C is raised after it.
+    """
     import torch
 
-    return atomic_write(path, lambda h: torch.save(obj, h))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getbuffer()
+    return atomic_write(path, lambda h: h.write(data))
 
 
 def _json_default(value: Any) -> Any:

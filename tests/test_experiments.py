@@ -283,8 +283,15 @@ def test_bench_top_strategies(
 
 
 def test_bench_prune_selection(
-    script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    script: Callable[[str], ModuleType],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import rlrank.methods
+
+    # the script registers its no-refit variant: other tests must see the built-in methods only
+    monkeypatch.setattr(rlrank.methods, "_REGISTRY", dict(rlrank.methods._REGISTRY))
     argv = [
         "--dataset",
         "digits",

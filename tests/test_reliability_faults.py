@@ -380,6 +380,46 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, caps
     assert [r["episode"] for r in rows] == list(range(6))
 
 
+def test_ctrl_c_while_a_checkpoint_is_written_is_an_interrupt_not_a_full_disk(tmp_path, monkeypatch):
+    """A KeyboardInterrupt raised while a file is written stays one (torch's writer would turn it into
+    a RuntimeError that reads as a full disk); the temporary file goes, the old file stays."""
+    import rlrank.atomic
+
+    target = tmp_path / "policy.pt"
+    rlrank.atomic.save_torch(target, {"w": torch.ones(3)})
+    real_fdopen = os.fdopen
+
+    class InterruptedHandle:
+        def __init__(self, fd: int, mode: str) -> None:
+            self.inner = real_fdopen(fd, mode)
+            self.written = 0
+
+        def __enter__(self) -> InterruptedHandle:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.inner.close()
+
+        def write(self, data: bytes) -> int:
+            self.written += len(data)
+            if self.written > 1000:  # Ctrl-C arrives while the tensor's bytes are written
+                raise KeyboardInterrupt
+            return self.inner.write(data)
+
+        def flush(self) -> None:
+            self.inner.flush()
+
+        def fileno(self) -> int:
+            return self.inner.fileno()
+
+    monkeypatch.setattr(rlrank.atomic.os, "fdopen", InterruptedHandle)
+    with pytest.raises(KeyboardInterrupt):
+        rlrank.atomic.save_torch(target, {"w": torch.zeros(100_000)})
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["policy.pt"]
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(3))
+
+
 def test_a_real_full_filesystem(tmp_path, dense):
     """On a 300 KiB tmpfs (needs root and mount; skipped otherwise) the search ends with one line."""
     mount = tmp_path / "small"
