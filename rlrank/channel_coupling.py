@@ -88,7 +88,7 @@ def channel_producers(model: nn.Module) -> dict[str, Producer]:
     try:
         graph = _LayerLeafTracer().trace(model)
     except Exception as exc:  # noqa: BLE001 - any model torch.fx cannot trace simply has no pairs
-        logger.info("torch.fx cannot trace %s (%s): no channel can be pruned", type(model).__name__, exc)
+        logger.debug("torch.fx cannot trace %s (%s): no channel can be pruned", type(model).__name__, exc)
         return {}
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
