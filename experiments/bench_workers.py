@@ -5,7 +5,8 @@ configuration prices the same strategies) of a pretrained CIFAR ResNet on ``../s
 run once per ``--configs`` entry:
 
 * ``inproc:T``: one episode at a time in the search's own process, ``--threads T`` (no Ray);
-* ``W:T``: ``--workers W --threads-per-worker T``.
+* ``W:T``: ``--workers W --threads-per-worker T``;
+* ``W:T:G``: the same with ``--gpus-per-worker G`` (``4:2:0.25``: four workers sharing one GPU).
 
 Per configuration: the search's wall time and episodes per hour (from the stage's search time, so
 data loading, the factor cache and Ray's start are counted apart, as "setup"), the mean time of one
@@ -20,6 +21,7 @@ first configuration, or, with ``--paper-model``, of a short in-process probe sea
 Run from the repository root::
 
     python experiments/bench_workers.py
+    python experiments/bench_workers.py --device cuda --configs inproc:4 4:2:0.25 8:1:0.125  # one GPU
     python experiments/bench_workers.py --dataset digits --model tiny --episodes 6 --no-append  # smoke
 """
 
@@ -39,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--configs",
         nargs="+",
         default=["inproc:2", "1:2", "2:1"],
-        help="inproc:THREADS or WORKERS:THREADS_PER_WORKER (default: %(default)s)",
+        help="inproc:THREADS, WORKERS:THREADS_PER_WORKER or WORKERS:THREADS_PER_WORKER:GPUS_PER_WORKER "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--paper-episodes",
@@ -87,17 +90,24 @@ def probe_args(args: argparse.Namespace) -> list[str]:
 
 def config_args(config: str) -> list[str]:
     """``rlrank.search`` options of one ``--configs`` entry."""
-    where, threads = config.split(":")
+    where, threads, *gpus = config.split(":")
     if where == "inproc":
         return ["--threads", threads]
-    return ["--workers", where, "--threads-per-worker", threads]
+    return [
+        "--workers",
+        where,
+        "--threads-per-worker",
+        threads,
+        *(["--gpus-per-worker", *gpus] if gpus else []),
+    ]
 
 
 def describe(config: str) -> str:
-    where, threads = config.split(":")
+    where, threads, *gpus = config.split(":")
     if where == "inproc":
         return f"in process, {threads} thread(s), no Ray"
-    return f"{where} worker(s) x {threads} thread(s)"
+    shared = f", {gpus[0]} GPU each" if gpus else ""
+    return f"{where} worker(s) x {threads} thread(s){shared}"
 
 
 FORMATS = {
@@ -128,6 +138,7 @@ def row_of(config: str, run: recording.SearchRun, reference: pd.DataFrame | None
         "driver s / episode": float((frame["time_agent"] + frame["time_env"]).mean()),
         "best reward": float(stage["best_reward"]),
         "workers seen": ", ".join(str(w) for w in sorted(frame["worker"].dropna().unique())),
+        "device": run.report["device"],
     }
     if reference is not None:
         difference = frame["reward"].to_numpy() - reference["reward"].to_numpy()
@@ -162,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     rows, reference = [], None
     for config in args.configs:
-        name = f"{args.model}-{config.replace(':', 'x')}-seed{args.seed}"
+        on = "" if args.device in ("auto", "cpu") else f"-{args.device}"
+        name = f"{args.model}-{config.replace(':', 'x')}{on}-seed{args.seed}"
         run = recording.run_search(name, [*base, *config_args(config)], args.out)
         rows.append(row_of(config, run, reference))
         if reference is None:
@@ -177,13 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     paper = on_paper(costs, args.paper_episodes, args.paper_workers)
     lines = [
         *session.header(
-            f"Episodes per hour on Ray workers ({args.model}, {recording.DATASETS[args.dataset]})", "cpu"
+            f"Episodes per hour on Ray workers ({args.model}, {recording.DATASETS[args.dataset]})",
+            args.device,
+            ", ".join(sorted({str(r["device"]) for r in rows})),
         ),
         f"- every search: random search, Tucker-2, {args.episodes} episodes, {args.finetune_steps} SGD steps "
         f"per reward on {args.reward_val_images} held-out images, no final fine-tune, seed {args.seed}; "
         "episodes / hour from the stage's search time (setup: data, factor cache, Ray start, apart)",
         "",
-        recording.markdown(table, FORMATS),
+        recording.markdown(table.drop(columns="device"), FORMATS),
         "",
         f"On paper, {args.paper_episodes} episodes at {priced} measured costs (driver "
         f"{costs['driver s / episode'].iloc[0]:.3f} s serial per episode, one evaluation "

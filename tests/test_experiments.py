@@ -543,3 +543,13 @@ def test_bench_workers(
     assert all(float(x) > 0 for x in measured["episodes / hour"])
     assert paper["workers"].tolist() == ["1", "8", "32"]
     assert "tiny's (a 2-episode probe" in section and (tmp_path / "tiny-probe-seed0").is_dir()
+
+
+def test_bench_workers_gpu_configurations(script: Callable[[str], ModuleType]) -> None:
+    bench = script("bench_workers")
+    assert bench.config_args("inproc:4") == ["--threads", "4"]
+    assert bench.config_args("2:1") == ["--workers", "2", "--threads-per-worker", "1"]
+    assert bench.config_args("4:2:0.25") == [
+        "--workers", "4", "--threads-per-worker", "2", "--gpus-per-worker", "0.25",
+    ]  # fmt: skip
+    assert bench.describe("4:2:0.25") == "4 worker(s) x 2 thread(s), 0.25 GPU each"
