@@ -296,12 +296,14 @@ class SearchConfig:
         type=positive_float,
         help="peak learning rate (one-cycle schedule) training the dense model",
     )
-    final_epochs: float = option(
-        5.0,
+    final_epochs: float | None = option(
+        None,
         resume_safe=True,
         group=TRAINING,
         type=epochs,
-        help="fine-tune epochs of the final compressed model",
+        help="fine-tune epochs of the final compressed model (default: from the training set's size, "
+        "about 540,000 images' worth between 1 and 12 epochs: 12 for CIFAR-10 and digits, 1 for "
+        "ImageNet; the run's config.json records the number)",
     )
     final_lr: float = option(
         0.01,

@@ -52,6 +52,25 @@ def resolve_device(name: str) -> torch.device:
     raise DeviceError(f"unknown device {name!r}; use auto, cpu or cuda")
 
 
+FINAL_FINETUNE_IMAGES = 540_000
+"""Training images the default final fine-tune sees: 12 epochs of CIFAR-10's 45,000, the length at
+which decompose + fine-tune met issue 16's goals on ResNet-20 (experiments/RESULTS.md)."""
+FINAL_EPOCHS_RANGE = (1.0, 12.0)
+"""Fewest and most epochs of the default final fine-tune: a small data set gets the epochs that
+were enough on CIFAR-10 rather than hundreds; a very large one gets at least one pass."""
+
+
+def final_epochs_for(train_images: int) -> float:
+    """The default final fine-tune length (``--final-epochs``) for a training split of this size.
+
+    About :data:`FINAL_FINETUNE_IMAGES` images' worth, rounded to whole epochs, within
+    :data:`FINAL_EPOCHS_RANGE`: 12 epochs for CIFAR-10 (45,000 images) and for digits, 1 for
+    ImageNet (1.28 M).
+    """
+    low, high = FINAL_EPOCHS_RANGE
+    return float(min(max(round(FINAL_FINETUNE_IMAGES / max(train_images, 1)), low), high))
+
+
 @dataclass
 class TrainConfig:
     """Settings of a multi-epoch training run (dense training or final fine-tune).

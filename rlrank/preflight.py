@@ -38,7 +38,7 @@ from rlrank.envs import (
 )
 from rlrank.errors import ConfigError
 from rlrank.evaluator_pool import check_workers
-from rlrank.finetune import resolve_device
+from rlrank.finetune import final_epochs_for, resolve_device
 from rlrank.latency_table import LatencyTable, latency_table
 from rlrank.layers import LayerInfo
 from rlrank.methods.sparse_residual import MAX_SPARSE
@@ -118,7 +118,7 @@ def validate(config: SearchConfig) -> None:
         if getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     for name in ("dense_epochs", "final_epochs", "stage_epochs"):
-        if getattr(config, name) < 0:
+        if getattr(config, name) is not None and getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if config.episodes == 0 and not spec.plays_absolute_ratios and not config.policy:
         raise ConfigError("--episodes 0 needs --policy (to roll out a saved policy) or a rule-based agent")
@@ -205,6 +205,9 @@ def prepare(config: SearchConfig, model: nn.Module | None = None, data: DataSpli
             )
         )
     data = data.to(device)
+    if config.final_epochs is None:  # recorded in config.json: a resume fine-tunes the same length
+        config.final_epochs = final_epochs_for(len(data.train))
+        logger.info("final fine-tune: %g epochs for %d training images", config.final_epochs, len(data.train))
     spec = ModelSpec(config.model, data.num_classes, data.in_channels, data.input_size)
     weights_given = model is not None or bool(config.checkpoint or config.pretrained)
     if model is None:

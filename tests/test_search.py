@@ -229,3 +229,23 @@ def test_latency_measured_on_a_busy_machine_is_marked(tmp_path, ddpg_run, monkey
     report = json.loads((run / "report.json").read_text())
     assert report["latency_unreliable"].startswith("the machine was busy (load average 50.0")
     assert "(unreliable: the machine was busy" in capsys.readouterr().out
+
+
+def test_final_fine_tune_length_follows_the_training_set_size():
+    from rlrank.finetune import final_epochs_for
+
+    assert final_epochs_for(45_000) == 12.0  # CIFAR-10: the 12 epochs that met issue 16's goals
+    assert final_epochs_for(100_000) == 5.0
+    assert final_epochs_for(1_281_167) == 1.0  # ImageNet: one pass
+    assert final_epochs_for(1_437) == 12.0  # digits: no more than CIFAR-10's
+
+
+def test_default_final_epochs_is_resolved_and_recorded(tmp_path, ddpg_run):
+    at = FAST.index("--final-epochs")
+    args = [*FAST[:at], *FAST[at + 2 :], "--agent", "uniform", "--checkpoint", str(ddpg_run / "dense.pt")]
+    args.append("--no-latency")
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    (run,) = run_dirs(tmp_path)
+    assert json.loads((run / "config.json").read_text())["final_epochs"] == 12.0
+    result = json.loads((run / "stage-1" / "result.json").read_text())
+    assert result["finetune_epochs"] == 12.0
