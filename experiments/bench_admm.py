@@ -45,6 +45,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="--sparse of a third variant, ADMM toward low rank + whole filters (0: no such variant; "
         "default: %(default)s)",
     )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("plain", "admm", "sparse"),
+        default=["plain", "admm", "sparse"],
+        help="which runs per budget: decompose + fine-tune, ADMM first, ADMM toward rank + filters "
+        "(with --sparse > 0) (default: all)",
+    )
     p.add_argument("--rule", default="alds", help="the strategy's rule (default: %(default)s)")
     p.add_argument("--csv", type=Path, default=None, help="per-run rows (default: results/admm-<scale>.csv)")
     recording.add_cifar_options(p, out="bench-runs/admm")
@@ -73,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         "ADMM + decompose + fine-tune": "admm",
         "ADMM + sparse + decompose + fine-tune": f"admm-sparse{args.sparse:g}",
     }
+    chosen = {"plain": "decompose + fine-tune", "admm": "ADMM + decompose + fine-tune"}
+    chosen["sparse"] = "ADMM + sparse + decompose + fine-tune"
+    variants = {k: v for k, v in variants.items() if k in {chosen[name] for name in args.variants}}
+    if not variants:
+        raise SystemExit("bench_admm: no variant left to run (--variants sparse needs --sparse > 0)")
     rows = []
     for budget in args.flops:
         for variant, extra in variants.items():

@@ -434,6 +434,9 @@ def test_bench_admm(
     assert admm < plain and sparse < plain and table["error before ADMM"][0] in ("", "nan")
     assert script("bench_admm").main(argv) == 0  # complete runs are reused, not run again
     assert "plain-0.5: " not in capsys.readouterr().out
+    assert script("bench_admm").main([*argv, "--variants", "sparse"]) == 0  # one variant alone
+    section = _section(capsys.readouterr().out, "ADMM before decomposing (tiny, digits)")
+    assert list(_tables(section)[0]["variant"]) == ["ADMM + sparse + decompose + fine-tune"]
 
 
 def test_bench_decompose(
