@@ -556,3 +556,21 @@ def test_bench_workers_gpu_configurations(script: Callable[[str], ModuleType]) -
         "--workers", "4", "--threads-per-worker", "2", "--gpus-per-worker", "0.25",
     ]  # fmt: skip
     assert bench.describe("4:2:0.25") == "4 worker(s) x 2 thread(s), 0.25 GPU each"
+
+
+def test_bench_op_profile(
+    script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rlrank.search import main as search
+
+    args = ["--model", "tiny", "--flops", "0.5", "--agent", "uniform", "--dense-epochs", "0.3"]
+    args += ["--final-epochs", "0", "--no-latency", "--quiet", "--out", str(tmp_path / "runs")]
+    assert search(args) == 0
+    argv = ["--dataset", "digits", "--model", "tiny", "--passes", "2", "--runs", str(tmp_path / "runs")]
+    assert script("bench_op_profile").main([*argv, "--no-append"]) == 0
+    section = _section(capsys.readouterr().out, "Where a forward pass spends its time (tiny, batch 64)")
+    (table,) = _tables(section)
+    assert table["model"].tolist()[0] == "dense" and len(table) == 2
+    flops = float(table["FLOP ratio"][1])
+    assert 0.3 < flops <= 0.5  # the run's model, counted again
+    assert float(table["ceiling speed-up"][1]) <= 1 / flops + 1e-6  # never beyond the FLOP speed-up
