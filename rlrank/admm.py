@@ -18,6 +18,11 @@ onto that set, {rank ``r`` + ``k`` whole filters}: ``alternations`` rounds of ``
 ``S`` = the ``k`` filters of ``V - L`` with the largest norm (``V = W + U``; the factor cache's
 ``build(..., filters=k)`` with ``alternations``); the stage decomposes the trained model with the
 same projection, so that what ADMM trained toward is what the model becomes.
+
+With channel pruning (``--decomposition prune``) the set is {``W`` with only ``k`` input channels
+non-zero}: ``Z`` keeps the ``k`` channels of ``W + U`` with the largest norm and zeroes the rest (the
+cache's pruning without data: kernel-norm ranking, slices unchanged), and the stage then prunes the
+trained layer to those channels, its producer's outputs with them.
 """
 
 from __future__ import annotations

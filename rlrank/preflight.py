@@ -80,7 +80,6 @@ def validate(config: SearchConfig) -> None:
         refused = {
             "--stages > 1": config.stages > 1,
             "--sparse": sparse > 0,
-            "--admm-epochs": config.admm_epochs > 0,
         }
         if any(refused.values()):
             raise ConfigError(

@@ -56,6 +56,26 @@ def test_projection_is_the_factor_caches_truncation(decomposition: str) -> None:
         torch.testing.assert_close(shifted[plan.name], projections[plan.name])
 
 
+def test_pruning_projection_zeroes_the_dropped_input_channels() -> None:
+    """ADMM toward a pruning plan: ``Z`` is ``W`` with all but the ``k`` input channels of largest
+    norm zeroed (the Euclidean projection onto that set), the cache's plain slice without data."""
+    model = small_net()
+    layers, steps, plans = plans_at(model, 0.5, "prune")
+    (plan,) = plans  # the second convolution, whose input channels the first one makes
+    (kept,) = plan.ranks
+    shift = {plan.name: 0.1 * torch.randn(10, 12, 3, 3)}
+    (z,) = rank_projections(model, layers, plans, AdmmConfig(), "prune", shift).values()
+    w = model.get_submodule(plan.name).weight.detach() + shift[plan.name]
+    norms = w.pow(2).sum(dim=(0, 2, 3))
+    top = norms.argsort(descending=True)[:kept]
+    zero = torch.ones(12, dtype=torch.bool)
+    zero[top] = False
+    assert torch.equal(z[:, zero], torch.zeros_like(z[:, zero]))
+    torch.testing.assert_close(z[:, ~zero], w[:, ~zero])
+    built = FactorCache(model, steps, "prune", weights={plan.name: w}).build(plan.name, plan.ranks)
+    torch.testing.assert_close(built.effective_weight(), z)
+
+
 def test_decomposition_error_is_zero_at_full_rank_and_grows_as_ranks_fall() -> None:
     model = small_net()
     _, steps, _ = plans_at(model, 1.0, "tucker2")
@@ -112,7 +132,7 @@ def dense_checkpoint(tmp_path_factory):
     return run / "dense.pt"
 
 
-@pytest.mark.parametrize("decomposition", [m for m in list_methods() if m != "prune"])  # prune: refused
+@pytest.mark.parametrize("decomposition", list_methods())
 def test_admm_epochs_in_a_search_shrink_the_decomposition_error(
     tmp_path, dense_checkpoint, decomposition
 ) -> None:

@@ -267,7 +267,6 @@ def test_a_pruning_policy_is_reused_on_another_budget(tmp_path):
     [
         (["--stages", "2"], "--stages > 1"),
         (["--sparse", "0.2"], "--sparse"),
-        (["--admm-epochs", "1"], "--admm-epochs"),
     ],
 )
 def test_pruning_refuses_what_it_cannot_do_yet(tmp_path, capsys, extra, named):
