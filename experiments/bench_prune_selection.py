@@ -47,7 +47,6 @@ def price_run(run: Path, top: int) -> pd.DataFrame:
     the test split."""
     from rlrank.config import SearchConfig
     from rlrank.factor_cache import FactorCache
-    from rlrank.finetune import FinetuneConfig
     from rlrank.methods import register_method
     from rlrank.methods.prune import ChannelPruning
     from rlrank.model_file import load
@@ -56,7 +55,7 @@ def price_run(run: Path, top: int) -> pd.DataFrame:
     from rlrank.reward import RewardEvaluator
     from rlrank.run_folder import CONFIG_FILE, DENSE_MODEL_FILE, EPISODES_FILE, read_json
     from rlrank.runlog import read_rows
-    from rlrank.stage import stage_factor_cache
+    from rlrank.stage import stage_factor_cache, stage_reward_config
 
     class LassoSlices(ChannelPruning):
         """rlrank's channel ranking, without the least-squares refit."""
@@ -81,13 +80,7 @@ def price_run(run: Path, top: int) -> pd.DataFrame:
         "lasso": FactorCache(setup.model, steps, LassoSlices.name, input_grams=grams),
         "norm": FactorCache(setup.model, steps, "prune"),
     }
-    reward = FinetuneConfig(
-        steps=config.finetune_steps,
-        lr=config.finetune_lr,
-        batch_size=config.finetune_batch_size,
-        bn_batches=config.bn_batches,
-        val_images=config.reward_val_images,
-    )
+    reward = stage_reward_config(config)
     test = replace(reward, val_images=0)
     records = []
     for rank, row in enumerate(top_rows(read_rows(run / "stage-1" / EPISODES_FILE), top)):

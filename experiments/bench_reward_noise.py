@@ -21,6 +21,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import time
@@ -28,9 +29,8 @@ import time
 import pandas as pd
 import recording
 
-from rlrank.finetune import FinetuneConfig
 from rlrank.reward import RewardEvaluator
-from rlrank.stage import rule_strategy
+from rlrank.stage import rule_strategy, stage_reward_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,13 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios = rule_strategy(rule, env, cache, config.min_ratio)
         plans = env.plan(ratios)
         for n_steps, seed in itertools.product(args.steps, range(args.seeds)):
-            finetune = FinetuneConfig(
-                steps=n_steps,
-                lr=config.finetune_lr,
-                batch_size=config.finetune_batch_size,
-                bn_batches=config.bn_batches,
-                val_images=config.reward_val_images,
-            )
+            finetune = dataclasses.replace(stage_reward_config(config), steps=n_steps)
             evaluator = RewardEvaluator(setup.model, cache, setup.data, finetune, seed=seed)
             evaluator.set_episode(1, 0)
             began = time.perf_counter()

@@ -89,14 +89,13 @@ def price_run(run: Path, top: int) -> pd.DataFrame:
     rest of the validation split and the test split (BN re-estimated, as the reward does)."""
     from rlrank.config import SearchConfig
     from rlrank.data import ImageSplit
-    from rlrank.finetune import FinetuneConfig
     from rlrank.model_file import load
     from rlrank.planning import searched_layers
     from rlrank.preflight import prepare
     from rlrank.reward import RewardEvaluator
     from rlrank.run_folder import CONFIG_FILE, DENSE_MODEL_FILE, EPISODES_FILE, read_json
     from rlrank.runlog import read_rows
-    from rlrank.stage import stage_factor_cache
+    from rlrank.stage import stage_factor_cache, stage_reward_config
 
     config = SearchConfig.from_dict(read_json(run / CONFIG_FILE))
     setup = prepare(config)
@@ -113,13 +112,7 @@ def price_run(run: Path, top: int) -> pd.DataFrame:
         "unseen val": ImageSplit(val.images[n:], val.labels[n:]),
         "test (BN only)": data.test,
     }
-    reward = FinetuneConfig(
-        steps=config.finetune_steps,
-        lr=config.finetune_lr,
-        batch_size=config.finetune_batch_size,
-        bn_batches=config.bn_batches,
-        val_images=0,
-    )
+    reward = replace(stage_reward_config(config), val_images=0)  # each split whole
     evaluators = {
         name: RewardEvaluator(setup.model, cache, replace(data, val=split), reward, seed=config.seed)
         for name, split in splits.items()

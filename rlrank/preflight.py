@@ -177,7 +177,8 @@ def prepare(config: SearchConfig, model: nn.Module | None = None, data: DataSpli
     """Load data and model and check every input.
 
     Args:
-        config: The options.
+        config: The options; an unset ``final_epochs`` is filled in here, from the training split's
+            size (:func:`rlrank.finetune.final_epochs_for`), so that config.json records it.
         model: A trained model to compress instead of building ``config.model`` (it is copied);
             ``config.model`` then names its architecture in the run folder.
         data: Data splits to use instead of loading ``config.dataset``.

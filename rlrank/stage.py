@@ -103,13 +103,7 @@ def run_stage(
     layers = describe_layers(model, setup.input_shape)
     steps = searched_layers(layers, config.decomposition, config.exclude)
     cache = stage_factor_cache(model, steps, config, data, k, progress)
-    reward_config = FinetuneConfig(
-        steps=config.finetune_steps,
-        lr=config.finetune_lr,
-        batch_size=config.finetune_batch_size,
-        bn_batches=config.bn_batches,
-        val_images=config.reward_val_images,
-    )
+    reward_config = stage_reward_config(config)
     spec = agent_spec(config.agent)
     env = RankSearchEnv(
         layers,
@@ -295,6 +289,19 @@ def _agent_context(config: SearchConfig, env: RankSearchEnv, cache: FactorCache,
         credit=config.credit,
         critics=config.critics,
         policy=config.policy,
+    )
+
+
+def stage_reward_config(config: SearchConfig) -> FinetuneConfig:
+    """The cheap fine-tune that prices every episode's strategy (``--finetune-steps``,
+    ``--finetune-lr``, ``--finetune-batch-size``, ``--bn-batches``, ``--reward-val-images``): what a
+    benchmark re-pricing a search's strategies uses too."""
+    return FinetuneConfig(
+        steps=config.finetune_steps,
+        lr=config.finetune_lr,
+        batch_size=config.finetune_batch_size,
+        bn_batches=config.bn_batches,
+        val_images=config.reward_val_images,
     )
 
 
