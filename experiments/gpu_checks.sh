@@ -3,7 +3,7 @@
 # `--scale gpu` selectors benchmark (budget 0.5, seed 0, alds / random / ddpg / surrogate: four runs
 # at once on the one GPU, each capped), then the Ray workers benchmark with workers sharing the GPU.
 # Results under $OUT: steps.log, pytest-cuda.log, RESULTS.md (the sections the benchmarks appended),
-# the selectors CSV, logs.tgz and runs.tgz (run folders, model files left out).
+# the selectors CSV, logs.tgz and runs.tgz (run folders, model files left out, resume checkpoints kept).
 # On a machine without a package index, build .devcarry/ first (experiments/gpu_checks_prepare.sh)
 # and run `bash .devcarry/gpu.sh` there; SMOKE=1 runs the same plumbing on the CPU with digits.
 set -u
@@ -17,12 +17,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   WRK="--dataset digits --model tiny --episodes 4 --configs inproc:1 2:1"
   METHODS="alds random"
 else
-  DEV=cuda; SEL_CAP=300; WRK_CAP=140
+  DEV=cuda; SEL_CAP=${SEL_CAP:-300}; WRK_CAP=${WRK_CAP:-140}  # a rerun resumes runs a cap killed
   SEL=""
   WRK="--configs inproc:4 4:2:0.25 8:1:0.125 --episodes 64"
   METHODS="alds random ddpg surrogate"
   if [ -f .devcarry/site312.tar.xz ]; then  # packages carried as files (gpu_checks_prepare.sh)
     mkdir -p /tmp/site && tar -xJf .devcarry/site312.tar.xz -C /tmp/site
+    chmod -R a+x /tmp/site/ray/core  # Ray's gcs_server and raylet (wheel unzipped without file modes)
     export PYTHONPATH=/tmp/site
   fi
   if ! python3 -c "import rlrank.envs, rlrank.agents" 2>/dev/null; then
@@ -75,5 +76,5 @@ log "workers exit $?"
 
 cp experiments/RESULTS.md "$OUT/RESULTS.md"
 tar -czf "$OUT/logs.tgz" -C $L .
-find bench-runs -type f -size -2M -print0 | tar --null -czf "$OUT/runs.tgz" -T -
+find bench-runs -type f \( -size -2M -o -path '*/checkpoint-*' \) -print0 | tar --null -czf "$OUT/runs.tgz" -T -
 log "packed $(du -h "$OUT/runs.tgz" | cut -f1)"

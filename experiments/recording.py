@@ -342,8 +342,9 @@ def run_search(
         name: The run's sub-folder of ``out``; its log goes to ``OUT/NAME.log``.
         args: Command-line arguments of the search.
         out: The benchmark's output folder.
-        reuse: When ``OUT/NAME`` already holds a complete run, read it instead of running again
-            (so that an interrupted benchmark picks up where it stopped).
+        reuse: When ``OUT/NAME`` already holds a complete run, read it instead of running again,
+            and when it holds one that was killed part-way, ``--resume`` it (so that an interrupted
+            benchmark picks up where it stopped).
         python: The interpreter (another one runs another install of rlrank, e.g. an older commit).
         cwd: The search's working directory (a checkout there shadows the installed rlrank).
 
@@ -358,10 +359,14 @@ def run_search(
             return SearchRun(name, done, report, float(report.get("wall_seconds", float("nan"))), reused=True)
     target.mkdir(parents=True, exist_ok=True)
     log = out / f"{name}.log"
-    command = [python, "-m", "rlrank.search", *args, "--out", str(target), "--quiet"]
+    interrupted = interrupted_run(target) if reuse else None
+    if interrupted is not None:  # killed part-way (a capped benchmark): go on from its last episode
+        command = [python, "-m", "rlrank.search", "--resume", str(interrupted), "--quiet"]
+    else:
+        command = [python, "-m", "rlrank.search", *args, "--out", str(target), "--quiet"]
     print(f"[{utc_now()}] {name}: {' '.join(map(shlex.quote, command[1:]))}", flush=True)
     began = time.perf_counter()
-    with log.open("w") as handle:
+    with log.open("a" if interrupted is not None else "w") as handle:
         code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
     wall = time.perf_counter() - began
     done = complete_run(target)
@@ -374,6 +379,14 @@ def run_search(
         flush=True,
     )
     return SearchRun(name, done, report, wall)
+
+
+def interrupted_run(folder: Path) -> Path | None:
+    """The latest run under ``folder`` that started (has its config) but has no report, or ``None``."""
+    if not folder.is_dir():
+        return None
+    runs = sorted(p.parent for p in folder.glob(f"*/{CONFIG_FILE}") if not (p.parent / REPORT_FILE).exists())
+    return runs[-1] if runs else None
 
 
 def complete_run(folder: Path) -> Path | None:

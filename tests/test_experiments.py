@@ -122,6 +122,25 @@ def test_dataset_option_replaces_the_shared_data(script: Callable[[str], ModuleT
 # ------------------------------------------------------------------------------------------
 
 
+def test_run_search_resumes_a_run_that_a_cap_killed(
+    script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recording = script("recording")
+    args = ["--model", "tiny", "--dataset", "digits", "--dense-epochs", "1", *TINY_SEARCH]
+    args += ["--agent", "random", "--episodes", "3", "--final-epochs", "0.1", "--no-latency"]
+    first = recording.run_search("killed", args, tmp_path / "runs")
+    episodes = (first.run_dir / "stage-1" / "episodes.jsonl").read_text()
+    (first.run_dir / "report.json").unlink()  # as if killed in the final fine-tune
+    assert recording.interrupted_run(tmp_path / "runs" / "killed") == first.run_dir
+    capsys.readouterr()
+    again = recording.run_search("killed", args, tmp_path / "runs")
+    assert "--resume" in capsys.readouterr().out and not again.reused
+    assert again.run_dir == first.run_dir and len(list((tmp_path / "runs" / "killed").iterdir())) == 1
+    assert (again.run_dir / "stage-1" / "episodes.jsonl").read_text() == episodes  # no search again
+    assert again.report["compressed"]["test_accuracy"] == first.report["compressed"]["test_accuracy"]
+    assert recording.interrupted_run(tmp_path / "runs" / "killed") is None
+
+
 def test_bench_default(
     script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
