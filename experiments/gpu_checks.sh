@@ -23,7 +23,7 @@ else
   METHODS="alds random ddpg surrogate"
   if [ -f .devcarry/site312.tar.xz ]; then  # packages carried as files (gpu_checks_prepare.sh)
     mkdir -p /tmp/site && tar -xJf .devcarry/site312.tar.xz -C /tmp/site
-    chmod -R a+x /tmp/site/ray/core  # Ray's gcs_server and raylet (wheel unzipped without file modes)
+    chmod -R a+x /tmp/site/ray/core  # Ray's gcs_server and raylet (archives of older prepare scripts lost the modes)
     export PYTHONPATH=/tmp/site
   fi
   if ! python3 -c "import rlrank.envs, rlrank.agents" 2>/dev/null; then

@@ -11,7 +11,16 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$wheels" ray=="$(python3 -c 'import ray; print(ray.__version__)')" gymnasium stable-baselines3 tensorly \
   farama-notifications jsonschema jsonschema-specifications referencing rpds-py
-for w in "$wheels"/*.whl; do python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$w" "$site"; done
+unzip_keeping_modes='
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    for info in wheel.infolist():
+        path = wheel.extract(info, sys.argv[2])
+        mode = (info.external_attr >> 16) & 0o777
+        if mode and not info.is_dir():
+            os.chmod(path, mode)  # Ray starts gcs_server and raylet as executables
+'
+for w in "$wheels"/*.whl; do python3 -c "$unzip_keeping_modes" "$w" "$site"; done
 rm -rf "$site"/ray/jars "$site"/ray/dashboard/client "$site"/ray/rllib "$site"/ray/llm "$site"/tensorly/datasets/data
 mkdir -p .devcarry/shared/data .devcarry/shared/models/cifar-resnet
 tar -C "$site" -cf - . | xz -T2 -6 >.devcarry/site312.tar.xz
