@@ -59,7 +59,8 @@ class Agent(ABC):
 
     @abstractmethod
     def act(self, obs: np.ndarray) -> np.ndarray:
-        """The action (shape ``(1,)``, in [-1, 1]) for the current layer."""
+        """The action (the env's action shape, ``(1,)`` but with ``--decomposition mixed``, in
+        [-1, 1]) for the current step; an action of one entry is the ratio action alone."""
 
     def end_episode(self, transitions: Sequence[Transition], reward: float, episode: int) -> dict[str, float]:
         """Learn from finished episode ``episode``; returns statistics worth logging (may be empty)."""
@@ -102,16 +103,20 @@ class RandomAgent(Agent):
         spread: Half-width of the action range, in (0, 1].
         start_at_center: Play action 0 at every step of episode 0 (with relative actions: the
             center strategy), so the search never ends below it.
+        dims: Entries of an action (the env's action space: 2 with ``--decomposition mixed``).
     """
 
     name = "random"
 
-    def __init__(self, seed: int = 0, spread: float = 1.0, start_at_center: bool = False) -> None:
+    def __init__(
+        self, seed: int = 0, spread: float = 1.0, start_at_center: bool = False, dims: int = 1
+    ) -> None:
         if not 0 < spread <= 1:
             raise ValueError(f"spread must be in (0, 1], got {spread}")
         self.rng = np.random.default_rng(seed)
         self.spread = spread
         self.start_at_center = start_at_center
+        self.dims = int(dims)
         self.episode = 0
 
     def begin_episode(self, episode: int) -> None:
@@ -122,8 +127,8 @@ class RandomAgent(Agent):
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         if self.start_at_center and self.episode == 0:
-            return np.zeros(1, dtype=np.float32)
-        return self.rng.uniform(-self.spread, self.spread, size=(1,)).astype(np.float32)
+            return np.zeros(self.dims, dtype=np.float32)
+        return self.rng.uniform(-self.spread, self.spread, size=(self.dims,)).astype(np.float32)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state}

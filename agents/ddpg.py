@@ -239,20 +239,26 @@ class DDPGAgent(Agent):
     def greedy(self) -> Agent:
         return GreedyPolicy(self)
 
-    def policy_action(self, obs: np.ndarray) -> float:
-        """The actor's deterministic action for ``obs``."""
+    def policy_actions(self, obs: np.ndarray) -> np.ndarray:
+        """The actor's deterministic action for ``obs`` (every entry of the action space)."""
         with _one_thread():
             action, _ = self.model.predict(np.asarray(obs, dtype=np.float32), deterministic=True)
-        return float(np.asarray(action).reshape(-1)[0])
+        return np.asarray(action, dtype=np.float64).reshape(-1)
+
+    def policy_action(self, obs: np.ndarray) -> float:
+        """The first entry of the actor's deterministic action for ``obs`` (the ratio action)."""
+        return float(self.policy_actions(obs)[0])
 
     def act(self, obs: np.ndarray) -> np.ndarray:
+        dims = int(self.action_space.shape[0])
         if self.config.start_at_center and self.episode == 0:
-            action = 0.0
+            action = [0.0] * dims
         elif self.episode < self.config.warmup:
-            action = self.rng.uniform(-self.config.spread, self.config.spread)
+            action = [self.rng.uniform(-self.config.spread, self.config.spread) for _ in range(dims)]
         else:
-            action = truncated_normal(self.rng, self.policy_action(obs), self.noise_std(), -1.0, 1.0)
-        return np.array([action], dtype=np.float32)
+            std = self.noise_std()
+            action = [truncated_normal(self.rng, m, std, -1.0, 1.0) for m in self.policy_actions(obs)]
+        return np.array(action, dtype=np.float32)
 
     def end_episode(self, transitions: Sequence[Transition], reward: float, episode: int) -> dict[str, float]:
         copy = self.config.credit == "copy"
@@ -406,7 +412,7 @@ class GreedyPolicy(Agent):
         self.ddpg = ddpg
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        return np.array([self.ddpg.policy_action(obs)], dtype=np.float32)
+        return self.ddpg.policy_actions(obs).astype(np.float32)
 
     def phase(self, episode: int) -> str:
         return "policy"

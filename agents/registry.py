@@ -141,7 +141,12 @@ def _ddpg(context: AgentContext) -> Agent:
 
 
 def _random(context: AgentContext) -> Agent:
-    return RandomAgent(seed=context.seed, spread=context.spread, start_at_center=context.start_at_center)
+    return RandomAgent(
+        seed=context.seed,
+        spread=context.spread,
+        start_at_center=context.start_at_center,
+        dims=int(context.action_space.shape[0]),
+    )
 
 
 def _surrogate(context: AgentContext) -> Agent:

@@ -9,6 +9,7 @@ import gymnasium as gym
 
 from rlrank.envs.evaluation import Evaluation, Evaluator
 from rlrank.envs.flop_budget import BudgetError, smallest_budget
+from rlrank.envs.mixed_search import MixedSearchEnv
 from rlrank.envs.rank_search import REWARDS, RankSearchEnv
 from rlrank.envs.spaces import (
     ACTION_MODES,
@@ -33,6 +34,7 @@ __all__ = [
     "BudgetError",
     "Evaluation",
     "Evaluator",
+    "MixedSearchEnv",
     "RankSearchEnv",
     "action_space",
     "action_to_ratio",

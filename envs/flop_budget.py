@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from rlrank.errors import UserError
 from rlrank.layers import LayerInfo
-from rlrank.planning import current_macs, current_ratio, owned_layers, plan_layer, searched_layers
+from rlrank.mixed_units import search_units, unit_plan
+from rlrank.planning import MIXED, current_macs, current_ratio, owned_layers, plan_layer, searched_layers
 
 
 class BudgetError(UserError):
@@ -33,8 +34,17 @@ def smallest_budget(
     sparse: float = 0.0,
 ) -> float:
     """Fraction of the dense MACs left with every compressible layer (not excluded) at ``min_ratio``
-    (with ``sparse``: as sparse + low-rank plans, :func:`rlrank.planning.sparse_plan`)."""
+    (with ``sparse``: as sparse + low-rank plans, :func:`rlrank.planning.sparse_plan`; ``mixed``:
+    every unit in its most expensive family there, what the walls reserve)."""
     dense = sum(layer.macs for layer in layers)
+    if decomposition == MIXED:  # each unit's most expensive family at its lowest ratio (the env's reserve)
+        units = search_units(layers, exclude)
+        in_units = {layer.name for unit in units for layer in unit.layers}
+        kept = sum(current_macs(layer) for layer in layers if layer.name not in in_units)
+        for unit in units:
+            low = min(min_ratio, current_ratio(unit.head))
+            kept += max(unit_plan(unit, low, family).macs for family in unit.families)
+        return kept / dense
     steps = searched_layers(layers, decomposition, exclude)
     step_names = {layer.name for layer in steps}
     owned = owned_layers(steps, decomposition)

@@ -10,6 +10,7 @@ import gymnasium as gym
 import numpy as np
 
 from rlrank.envs.evaluation import Evaluation, Evaluator
+from rlrank.envs.fair_share import FairShare
 from rlrank.envs.flop_budget import BudgetError
 from rlrank.envs.latency_budget import LatencyBudget, fallback_ratios
 from rlrank.envs.spaces import (
@@ -27,22 +28,20 @@ from rlrank.planning import (
     current_macs,
     current_params,
     current_ratio,
-    max_ratio_within,
-    min_ratio_reaching,
+    largest_ratio_within,
     owned_layers,
     plan_layer,
     searched_layers,
+    smallest_ratio_reaching,
 )
 
 if TYPE_CHECKING:
     from rlrank.latency_table import LatencyTable
 
 REWARDS = ("acc", "acc-logflops")
-FAIR_GRID = 512
-"""Ratios at which each layer's MACs are tabulated for the fair ratio (linear in [min_ratio, 1])."""
 
 
-class RankSearchEnv(gym.Env):
+class RankSearchEnv(FairShare, gym.Env):
     """Choose a rank ratio for every compressible layer of a CNN, within a FLOP budget.
 
     ## Description
@@ -180,10 +179,15 @@ class RankSearchEnv(gym.Env):
         self.allow_dense = allow_dense
         self.fill_budget = fill_budget
         self.exclude = list(exclude or [])
-        self.steps = searched_layers(self.layers, self.decomposition, self.exclude)
+        self.steps, owned = self._search_steps()
         if not self.steps:
             raise ValueError("the model has no compressible layer")
-        step_names = {layer.name for layer in self.steps} | owned_layers(self.steps, self.decomposition)
+        step_names = {layer.name for layer in self.steps} | owned
+        by_name = {layer.name: layer for layer in self.layers}
+        self._current_macs = [  # what each step's layers cost now (its own and the one it owns)
+            current_macs(layer) + (current_macs(by_name[layer.producer]) if layer.producer in owned else 0)
+            for layer in self.steps
+        ]
         self.fixed_macs = sum(current_macs(layer) for layer in self.layers if layer.name not in step_names)
         self.fixed_params = sum(
             current_params(layer) for layer in self.layers if layer.name not in step_names
@@ -206,9 +210,13 @@ class RankSearchEnv(gym.Env):
             self.latency = LatencyBudget(
                 latency_table, self.steps, latency_budget, self._low, self._upper, self.plan_step
             )
-        self._min_macs = [self.plan_step(i, low).macs for i, low in enumerate(self._low)]
+        self._min_macs = [  # every family must fit at its lowest ratio: the walls reserve the most
+            max(self.plan_step(i, low, f).macs for f in self.families(i)) for i, low in enumerate(self._low)
+        ]
         self.smallest_budget = (self.fixed_macs + sum(self._min_macs)) / self.dense_macs
-        self._max_macs = [self.plan_step(i, upper).macs for i, upper in enumerate(self._upper)]
+        self._max_macs = [
+            max(self.plan_step(i, up, f).macs for f in self.families(i)) for i, up in enumerate(self._upper)
+        ]
         self._center: np.ndarray | None = None
         self._fair_grid, self._grid_macs, self._suffix_macs = self._tabulate_macs()
         self.budgets = [float(b) for b in (budgets if budgets else [budget])]
@@ -228,6 +236,23 @@ class RankSearchEnv(gym.Env):
 
     # ---------------------------------------------------------------- accounting
 
+    def _search_steps(self) -> tuple[list[LayerInfo], set[str]]:
+        """The layers searched, one per step, and the layers whose cost their plans own besides."""
+        steps = searched_layers(self.layers, self.decomposition, self.exclude)
+        return steps, owned_layers(steps, self.decomposition)
+
+    def families(self, index: int) -> tuple[str | None, ...]:
+        """What step ``index`` may be compressed with besides its ratio (one family: ``(None,)``)."""
+        return (None,)
+
+    def layer_plans(self, plans: Sequence[LayerPlan]) -> list[LayerPlan]:
+        """A strategy as per-layer plans, as the evaluator and the log take it (here: as it is)."""
+        return list(plans)
+
+    def strategy_of(self, layers: dict[str, dict[str, Any]]) -> list[LayerPlan]:
+        """The strategy (one plan per step) that an episode row's per-layer entries record."""
+        return [self.plan_step(i, layers[layer.name]["ratio"]) for i, layer in enumerate(self.steps)]
+
     def check_budget(self, budget: float) -> None:
         """Raise :class:`BudgetError` when ``budget`` is out of (0, 1] or below the reachable minimum."""
         if not (isinstance(budget, (int, float)) and math.isfinite(budget) and 0.0 < budget <= 1.0):
@@ -239,8 +264,9 @@ class RankSearchEnv(gym.Env):
         """Plans for one ratio per step, clipped to each layer's range (no action wall)."""
         return [self.plan_step(i, r) for i, r in enumerate(ratios)]
 
-    def plan_step(self, index: int, ratio: float) -> LayerPlan:
-        """The plan of step ``index`` at ``ratio`` (clipped to the step's range, no action wall)."""
+    def plan_step(self, index: int, ratio: float, family: str | None = None) -> LayerPlan:
+        """The plan of step ``index`` at ``ratio`` (clipped to the step's range, no action wall);
+        ``family``: one of :meth:`families` (``None`` here: the one method)."""
         ratio = float(np.clip(ratio, self._low[index], self._upper[index]))
         return plan_layer(
             self.steps[index],
@@ -262,20 +288,13 @@ class RankSearchEnv(gym.Env):
         """The ``[low, high]`` range that actions map onto for step ``index``."""
         return self._low[index], self._upper[index]
 
-    def wall(self, index: int, spent: float, spent_ms: float = 0.0) -> float:
-        """Largest ratio for step ``index`` that keeps the budget reachable (AMC's action wall), and
-        the latency budget too when there is one (``spent_ms``: the latency planned so far)."""
+    def wall(self, index: int, spent: float, spent_ms: float = 0.0, family: str | None = None) -> float:
+        """Largest ratio for step ``index`` (in ``family``) that keeps the budget reachable (AMC's
+        action wall), and the latency budget too when there is one (``spent_ms``: the latency
+        planned so far)."""
         allowed = self.budget * self.dense_macs - self.fixed_macs - spent - self._reserved[index + 1]
-        layer = self.steps[index]
-        wall = max_ratio_within(
-            layer,
-            self.decomposition,
-            allowed,
-            self._low[index],
-            self._upper[index],
-            self.allow_dense,
-            self._dense_from[index],
-            self.sparse,
+        wall = largest_ratio_within(
+            lambda r: self.plan_step(index, r, family).macs, allowed, self._low[index], self._upper[index]
         )
         return wall if self.latency is None else min(wall, self.latency.wall(index, spent_ms))
 
@@ -294,93 +313,17 @@ class RankSearchEnv(gym.Env):
                 macs = np.maximum(macs, kept)
         return np.append(np.cumsum(macs[::-1])[::-1], 0.0)
 
-    def floor(self, index: int, spent: float, spent_ms: float = 0.0) -> float:
+    def floor(self, index: int, spent: float, spent_ms: float = 0.0, family: str | None = None) -> float:
         """Smallest ratio for step ``index`` that still lets the episode use its whole budget with
         every later layer at its largest ratio (the lower action wall; ``min_ratio`` when
         ``fill_budget`` is off). With a latency budget too: the lower of the two budgets' floors."""
         if not self.fill_budget:
             return self._low[index]
         needed = self.budget * self.dense_macs - self.fixed_macs - spent - sum(self._max_macs[index + 1 :])
-        layer = self.steps[index]
-        floor = min_ratio_reaching(
-            layer,
-            self.decomposition,
-            needed,
-            self._low[index],
-            self._upper[index],
-            self.allow_dense,
-            self._dense_from[index],
-            self.sparse,
+        floor = smallest_ratio_reaching(
+            lambda r: self.plan_step(index, r, family).macs, needed, self._low[index], self._upper[index]
         )
         return floor if self.latency is None else min(floor, self.latency.floor(index, spent_ms))
-
-    def _tabulate_macs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The ratio grid, every step's MACs on it, and those summed over the step and all later ones.
-
-        Computed once per environment, so that :meth:`fair_ratio` costs one binary search.
-        """
-        grid = np.linspace(self.min_ratio, 1.0, FAIR_GRID)
-        macs = np.empty((len(self.steps), FAIR_GRID), dtype=np.float64)
-        for i in range(len(self.steps)):
-            row = [self.plan_step(i, float(r)).macs for r in grid]
-            macs[i] = np.maximum.accumulate(row)  # monotone in the ratio, for the binary search
-        suffix = np.cumsum(macs[::-1], axis=0)[::-1]
-        return grid, macs, suffix
-
-    def set_center(self, ratios: Sequence[float] | None) -> None:
-        """Center relative actions on a reference strategy instead of the uniform one.
-
-        Args:
-            ratios: One ratio per step (a rule's strategy, e.g. the energy rule's), or ``None``
-                for the uniform strategy. Action 0 at every step then plays this strategy,
-                rescaled as a whole to the budget left at each step.
-        """
-        if ratios is None:
-            self._center = None
-        else:
-            center = np.asarray(ratios, dtype=np.float64)
-            if center.shape != (len(self.steps),) or not np.all(center > 0):
-                raise ValueError(f"the center needs one positive ratio per step ({len(self.steps)})")
-            self._center = center
-        self._reserved = self._reserved_macs()
-
-    def fair_ratio(self, index: int, spent: float, spent_ms: float = 0.0) -> float:
-        """The ratio of step ``index`` in the strategy that spends exactly the budget left: the
-        largest single ratio for this and every later step (uniform center), or, with a center
-        (:meth:`set_center`), the center's ratios scaled by the largest common factor; within the
-        latency budget too when there is one."""
-        allowed = self.budget * self.dense_macs - self.fixed_macs - spent
-        if self._center is None:
-            g = int(np.searchsorted(self._suffix_macs[index], allowed + 1e-6, side="right")) - 1
-            fair = float(self._fair_grid[max(g, 0)])
-            return fair if self.latency is None else min(fair, self.latency.fair(index, spent_ms))
-        return float(
-            np.clip(
-                self._center_scale(index, spent, spent_ms) * self._center[index],
-                self._low[index],
-                self._upper[index],
-            )
-        )
-
-    def _center_scale(self, index: int, spent: float, spent_ms: float = 0.0) -> float:
-        """The largest factor scaling the center's ratios of steps ``index`` and later to fit the
-        budget left (and the latency budget)."""
-        assert self._center is not None
-        allowed = self.budget * self.dense_macs - self.fixed_macs - spent
-        center = self._center[index:]
-        rows = np.arange(index, len(self.steps))
-
-        def fits(scale: float) -> bool:
-            g = np.searchsorted(self._fair_grid, np.minimum(scale * center, 1.0), side="right") - 1
-            macs = float(self._grid_macs[rows, np.clip(g, 0, FAIR_GRID - 1)].sum())
-            latency = self.latency is None or self.latency.fits(index, scale * center, spent_ms)
-            return macs <= allowed + 1e-6 and latency
-
-        lo, hi = 0.0, 1.0 / float(center.min())
-        for _ in range(30):  # bisection on the common scale
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo
 
     def outcome(
         self, plans: Sequence[LayerPlan], evaluation: Evaluation, budget: float
@@ -426,7 +369,7 @@ class RankSearchEnv(gym.Env):
         t = self._t
         spent = sum(p.macs for p in self._plans)
         spent_ms = self.latency.spent(self._plans) if self.latency else 0.0
-        removed = sum(current_macs(layer) - p.macs for layer, p in zip(self.steps, self._plans, strict=False))
+        removed = sum(now - p.macs for now, p in zip(self._current_macs, self._plans, strict=False))
         to_come = sum(layer.macs for layer in self.steps[t + 1 :])
         dynamic = [
             removed / self.dense_macs,
@@ -440,6 +383,10 @@ class RankSearchEnv(gym.Env):
         ]
         obs = np.concatenate([self._features[t], dynamic]).astype(np.float32)
         return np.clip(obs, 0.0, 1.0)
+
+    def _family_and_ratio_action(self, index: int, action: np.ndarray) -> tuple[str | None, float]:
+        """Step ``index``'s family (``None``: the one method) and the action mapped to its ratio."""
+        return None, float(action[0])
 
     # ---------------------------------------------------------------- gymnasium API
 
@@ -465,23 +412,26 @@ class RankSearchEnv(gym.Env):
             raise RuntimeError("step() called after the episode ended; call reset()")
         t = self._t
         low, high = self._low[t], self._upper[t]
-        a = float(np.asarray(action).reshape(-1)[0])
+        family, a = self._family_and_ratio_action(t, np.asarray(action, dtype=np.float64).reshape(-1))
         spent = sum(p.macs for p in self._plans)
         spent_ms = self.latency.spent(self._plans) if self.latency else 0.0
         if self.action_mode == "relative":
-            fair = self.fair_ratio(t, spent, spent_ms)
+            fair = self.fair_ratio(t, spent, spent_ms, family)
             wanted = float(np.clip(relative_action_to_ratio(a, fair), low, high))
         else:
             wanted = action_to_ratio(a, low, high)
-        ratio = min(max(wanted, self.floor(t, spent, spent_ms)), self.wall(t, spent, spent_ms))
-        self._plans.append(self.plan_step(t, ratio))
+        floor, wall = self.floor(t, spent, spent_ms, family), self.wall(t, spent, spent_ms, family)
+        ratio = min(max(wanted, floor), wall)
+        self._plans.append(self.plan_step(t, ratio, family))
         self._prev_ratio = ratio
         self._t += 1
         info: dict[str, Any] = {"layer": self.steps[t].name, "ratio": ratio, "wanted_ratio": wanted}
+        if family is not None:
+            info["family"] = family
         if self._t < len(self.steps):
             return self._observation(), 0.0, False, False, info
 
-        plans = list(self._plans)
+        plans = self.layer_plans(self._plans)
         if self.evaluator is None:  # the caller prices the strategy: outcome() gives its reward
             reward = 0.0
             info.update(plans=plans, budget=self.budget, pending=True)

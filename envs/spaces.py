@@ -72,9 +72,10 @@ def observation_space() -> spaces.Box:
     return spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
 
 
-def action_space() -> spaces.Box:
-    """The environment's action space: one action in [-1, 1], float32."""
-    return spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+def action_space(dims: int = 1) -> spaces.Box:
+    """The environment's action space: ``dims`` actions in [-1, 1], float32 (one: the ratio; the
+    mixed decomposition's second: the family)."""
+    return spaces.Box(-1.0, 1.0, shape=(dims,), dtype=np.float32)
 
 
 def action_to_ratio(action: float, low: float, high: float) -> float:

@@ -122,7 +122,7 @@ def decomposition_errors(
             w = cache.entry(plan.name).weight
             module = decomposed.get_submodule(plan.name) if decomposed is not None else None
             if not isinstance(module, FactorizedLayer):  # not given, or a pruned layer (unwrapped)
-                module = cache.build(plan.name, plan.ranks, "cpu", torch.float64, plan.filters)
+                module = cache.build(plan.name, plan.ranks, "cpu", torch.float64, plan.filters, plan.method)
             z = effective_weight(module).to("cpu", torch.float64)
             errors[plan.name] = float((w - z).norm() / w.norm().clamp_min(1e-12))
     return errors

@@ -122,8 +122,9 @@ class SearchConfig:
     decomposition: str = option(
         "tucker2",
         group=BUDGET,
-        choices="rlrank.methods:list_methods",
-        help="factorization of kxk convs; 1x1 convs and linear layers use SVD (tt and tr factorize them too)",
+        choices="rlrank.planning:list_decompositions",
+        help="factorization of kxk convs; 1x1 convs and linear layers use SVD (tt and tr factorize them too); "
+        "prune: channel pruning; mixed: per residual block the agent chooses pruning or tucker2",
     )
     hooi_iters: int = option(
         0,

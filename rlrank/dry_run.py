@@ -8,8 +8,10 @@ cheaper, or leave it as ``--exclude`` says), then the smallest budget the search
 from __future__ import annotations
 
 from rlrank.envs import smallest_budget
+from rlrank.layers import LayerInfo
 from rlrank.methods import get_method
-from rlrank.planning import is_excluded, method_for, searched_layers
+from rlrank.mixed_units import search_units
+from rlrank.planning import MIXED, is_excluded, method_for, searched_layers, single_method
 from rlrank.preflight import Setup
 
 
@@ -24,9 +26,12 @@ def layer_listing(setup: Setup) -> str:
     steps = {layer.name: layer for layer in searched_layers(layers, config.decomposition, config.exclude)}
     owners = {str(step.producer): name for name, step in steps.items() if step.producer is not None}
     pruning = config.decomposition == "prune"
+    mixed = mixed_roles(layers, config.exclude) if config.decomposition == MIXED else {}
     for layer in layers:
         if is_excluded(layer.name, config.exclude):
             what = "excluded (--exclude)"
+        elif layer.name in mixed:
+            what = mixed[layer.name]
         elif layer.name in steps:
             what = method_for(layer, config.decomposition)
             if pruning:
@@ -45,12 +50,32 @@ def layer_listing(setup: Setup) -> str:
             f"{layer.params:>10,}  {what}"
         )
     smallest = smallest_budget(layers, config.decomposition, config.min_ratio, config.exclude)
+    searched = len(search_units(layers, config.exclude)) if mixed else len(steps)
     lines += [
         "",
-        f"{config.model}: {len(layers)} conv / linear layers, {len(steps)} searched with {config.decomposition}"
-        + ("" if get_method(config.decomposition).pointwise else " (1x1 convs and linear layers: svd)")
+        f"{config.model}: {len(layers)} conv / linear layers, {searched} searched with {config.decomposition}"
+        + (
+            ""
+            if get_method(single_method(config.decomposition)).pointwise
+            else " (1x1 convs and linear layers: svd)"
+        )
         + f"; {total_macs:,} MACs and {total_params:,} parameters in all",
         f"smallest reachable budget: --flops {smallest:.4f} (every searched layer at --min-ratio "
         f"{config.min_ratio:g}); asked: --flops {config.flops:g}",
     ]
     return "\n".join(lines)
+
+
+def mixed_roles(layers: list[LayerInfo], exclude: list[str] | None) -> dict[str, str]:
+    """What ``--decomposition mixed`` does with each layer of its units (:mod:`rlrank.mixed_units`)."""
+    roles = {}
+    for unit in search_units(layers, exclude):
+        low_rank = method_for(unit.head, MIXED)
+        if unit.partner is None:
+            roles[unit.head.name] = low_rank
+        else:
+            roles[unit.partner.name] = (
+                f"mixed with {unit.head.name}: {method_for(unit.partner, MIXED)} or pruned outputs"
+            )
+            roles[unit.head.name] = f"mixed: {low_rank} or pruned input channels (with {unit.partner.name})"
+    return roles

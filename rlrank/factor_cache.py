@@ -33,7 +33,9 @@ from rlrank.methods import (
 )
 from rlrank.methods.sparse_residual import scatter_filters, top_filters, with_sparse_residual
 from rlrank.modes import preserved_modes
-from rlrank.planning import check_decomposition, method_for
+from rlrank.planning import MIXED, check_decomposition, method_for
+
+PRUNE = "prune"
 
 
 class FactorCache:
@@ -81,6 +83,7 @@ class FactorCache:
         self.layers = {layer.name: layer for layer in layers}
         covariances = {k: v.to("cpu", torch.float64) for k, v in (output_covariances or {}).items()}
         self._entries: dict[str, LayerWeights] = {}
+        self._other_methods: dict[tuple[str, str], LayerWeights] = {}  # mixed: pruning of a pair's head
         with torch.no_grad():
             for name, layer in self.layers.items():
                 module = model.get_submodule(name)
@@ -112,36 +115,50 @@ class FactorCache:
         """The method that factorizes layer ``name`` (its current one if factorized, SVD if pointwise)."""
         return method_for(self.layers[name], self.decomposition)
 
-    def entry(self, name: str) -> LayerWeights:
-        """What the cache keeps of layer ``name``: its weights and its method's precomputations."""
-        return self._entries[name]
+    def entry(self, name: str, method: str | None = None) -> LayerWeights:
+        """What the cache keeps of layer ``name``: its weights and its method's precomputations;
+        ``method``: another method than the layer's own (the mixed decomposition prunes a pair's
+        head with the same weights and input Gram matrix), with its own precomputations."""
+        if method is None or method == self.method(name):
+            return self._entries[name]
+        key = (name, method)
+        if key not in self._other_methods:
+            own = self._entries[name]
+            self._other_methods[key] = LayerWeights(
+                own.layer, own.weight, own.bias, own.covariance, input_gram=own.input_gram
+            )
+        return self._other_methods[key]
 
-    def _method(self, name: str) -> CompressionMethod:
-        return get_method(self.method(name))
+    def _method(self, name: str, method: str | None = None) -> CompressionMethod:
+        return get_method(method or self.method(name))
 
-    def prepare(self, name: str) -> None:
-        """Compute (once) what any truncation of layer ``name`` needs."""
-        self._method(name).prepare(self._entries[name], self.settings)
+    def prepare(self, name: str, method: str | None = None) -> None:
+        """Compute (once) what any truncation of layer ``name`` (by ``method``) needs."""
+        self._method(name, method).prepare(self.entry(name, method), self.settings)
 
     def prepare_all(self, progress: bool = False) -> None:
-        """Factorize every cached layer now (otherwise each is done on first use)."""
+        """Factorize every cached layer now (otherwise each is done on first use); with the mixed
+        decomposition, also rank the channels of every layer given an input Gram matrix."""
         from tqdm.auto import tqdm
 
         for name in tqdm(self.layers, desc="factorizing layers", unit="layer", disable=not progress):
             self.prepare(name)
+            if self.decomposition == MIXED and self._entries[name].input_gram is not None:
+                self.prepare(name, PRUNE)
 
     def spectra(self, name: str) -> list[LayerSpectrum]:
         """Singular values of the layer's unfoldings (Tucker-2: output then input mode)."""
         return self._method(name).spectra(self._entries[name], self.settings)
 
-    def factors(self, name: str, ranks: tuple[int, ...]) -> list[torch.Tensor]:
-        """Weights of the factor layers of ``name`` at ``ranks`` (float64, CPU).
+    def factors(self, name: str, ranks: tuple[int, ...], method: str | None = None) -> list[torch.Tensor]:
+        """Weights of the factor layers of ``name`` at ``ranks`` (float64, CPU), by the layer's
+        method or ``method``.
 
         Raises:
             DecompositionError: Ranks out of the layer's range.
         """
         ranks = tuple(int(r) for r in ranks)
-        return self._method(name).factors(self._entries[name], ranks, self.settings)
+        return self._method(name, method).factors(self.entry(name, method), ranks, self.settings)
 
     def build(
         self,
@@ -150,10 +167,18 @@ class FactorCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         filters: int = 0,
+        method: str | None = None,
     ) -> FactorizedLayer:
         """A factorized module for layer ``name`` at ``ranks``, weights from the cache; with
         ``filters`` > 0 a :class:`~rlrank.methods.sparse_residual.SparseResidualLayer` that also keeps
-        that many whole filters of the residual (see ``alternations``)."""
+        that many whole filters of the residual (see ``alternations``); ``method``: another method
+        than the layer's own (the mixed decomposition's pruning)."""
+        if method is not None and method != self.method(name):
+            ranks = tuple(int(r) for r in ranks)
+            empty = self._empty(name, ranks, device, dtype, method)
+            module = self._load(name, empty, self.factors(name, ranks, method))
+            self._method(name, method).finish(module, self.entry(name, method), ranks)
+            return module
         if not filters:
             ranks = tuple(int(r) for r in ranks)
             module = self._load(name, self._empty(name, ranks, device, dtype), self.factors(name, ranks))
@@ -164,11 +189,17 @@ class FactorCache:
         return with_sparse_residual(low_rank, index, sparse.to(device, dtype))
 
     def _empty(
-        self, name: str, ranks: tuple[int, ...], device: torch.device | str, dtype: torch.dtype
+        self,
+        name: str,
+        ranks: tuple[int, ...],
+        device: torch.device | str,
+        dtype: torch.dtype,
+        method_name: str | None = None,
     ) -> FactorizedLayer:
-        """The factorized module of layer ``name`` at ``ranks``, weights unset."""
+        """The factorized module of layer ``name`` at ``ranks`` (by its method or ``method_name``),
+        weights unset."""
         layer = self.layers[name]
-        method = self._method(name)
+        method = self._method(name, method_name)
         geometry = {k: getattr(layer, k) for k in GEOMETRY_KEYS}
         if layer.params > 16384:  # skip the random initialization of large factors: they are overwritten
             return method.build_module(geometry, ranks, device="meta").to_empty(device=device).to(dtype=dtype)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rlrank.layers import LayerInfo
@@ -28,6 +28,8 @@ from rlrank.methods import POINTWISE_METHOD, DecompositionError, get_method, lis
 from rlrank.methods.sparse_residual import filter_macs, filter_params, filters_within
 
 __all__ = [
+    "MIXED",
+    "MIXED_LOW_RANK",
     "LayerPlan",
     "check_decomposition",
     "check_ratio",
@@ -37,7 +39,9 @@ __all__ = [
     "full_ranks",
     "is_compressible",
     "is_excluded",
+    "largest_ratio_within",
     "searched_layers",
+    "list_decompositions",
     "list_methods",
     "max_ratio_within",
     "method_for",
@@ -45,6 +49,8 @@ __all__ = [
     "owned_layers",
     "plan_layer",
     "ratio_to_ranks",
+    "single_method",
+    "smallest_ratio_reaching",
     "sparse_plan",
 ]
 
@@ -76,17 +82,41 @@ def ratio_to_ranks(ratio: float, full_ranks: tuple[int, ...]) -> tuple[int, ...]
     return tuple(max(1, min(f, math.floor(value * f + 0.5))) for f in full_ranks)
 
 
+MIXED = "mixed"
+"""``--decomposition mixed``: per step, channel pruning or low rank, the agent's choice
+(:mod:`rlrank.mixed_units`); everywhere a single method is meant, it stands for its low-rank family."""
+MIXED_LOW_RANK = "tucker2"
+"""The low-rank family of ``mixed`` (SVD for 1x1 convolutions and linear layers)."""
+
+
+def list_decompositions() -> list[str]:
+    """What ``--decomposition`` accepts: the registered methods, then ``mixed``."""
+    return [*list_methods(), MIXED]
+
+
 def check_decomposition(decomposition: str) -> str:
-    """Return ``decomposition`` if it names a registered method, else raise :class:`DecompositionError`."""
-    get_method(decomposition)
+    """Return ``decomposition`` if it names a registered method or ``mixed``, else raise
+    :class:`DecompositionError`."""
+    if decomposition == MIXED:
+        return decomposition
+    if decomposition not in list_methods():
+        raise DecompositionError(
+            f"unknown decomposition {decomposition!r}; known: {', '.join(list_decompositions())}"
+        )
     return decomposition
+
+
+def single_method(decomposition: str) -> str:
+    """The registered method that ``decomposition`` stands for where one is meant (``mixed``: its
+    low-rank family)."""
+    return MIXED_LOW_RANK if check_decomposition(decomposition) == MIXED else decomposition
 
 
 def method_for(layer: LayerInfo, decomposition: str) -> str:
     """The factorization a layer gets: its current one if factorized; for a 1x1 convolution or a
     linear layer, ``decomposition`` if that method is ``pointwise`` (tt, tr), else SVD; for a
     k x k convolution, ``decomposition``."""
-    check_decomposition(decomposition)
+    decomposition = single_method(decomposition)
     if layer.method is not None:
         return layer.method
     if layer.is_pointwise and not get_method(decomposition).pointwise:
@@ -296,17 +326,7 @@ def max_ratio_within(
     def cost(ratio: float) -> int:
         return plan_layer(layer, ratio, decomposition, allow_dense, dense_from, sparse).macs
 
-    if cost(hi) <= max_macs:
-        return hi
-    if cost(lo) > max_macs:
-        return lo
-    for _ in range(40):  # MACs are non-decreasing in the ratio: bisect
-        mid = 0.5 * (lo + hi)
-        if cost(mid) <= max_macs:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return largest_ratio_within(cost, max_macs, lo, hi)
 
 
 def min_ratio_reaching(
@@ -324,11 +344,33 @@ def min_ratio_reaching(
     def cost(ratio: float) -> int:
         return plan_layer(layer, ratio, decomposition, allow_dense, dense_from, sparse).macs
 
+    return smallest_ratio_reaching(cost, min_macs, lo, hi)
+
+
+def largest_ratio_within(cost: Callable[[float], float], max_macs: float, lo: float, hi: float) -> float:
+    """Largest ratio in ``[lo, hi]`` with ``cost(ratio) <= max_macs`` (``lo`` if none), for a
+    ``cost`` non-decreasing in the ratio (bisection)."""
+    if cost(hi) <= max_macs:
+        return hi
+    if cost(lo) > max_macs:
+        return lo
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if cost(mid) <= max_macs:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def smallest_ratio_reaching(cost: Callable[[float], float], min_macs: float, lo: float, hi: float) -> float:
+    """Smallest ratio in ``[lo, hi]`` with ``cost(ratio) >= min_macs`` (``hi`` if none), for a
+    ``cost`` non-decreasing in the ratio (bisection)."""
     if cost(lo) >= min_macs:
         return lo
     if cost(hi) < min_macs:
         return hi
-    for _ in range(40):  # MACs are non-decreasing in the ratio: bisect
+    for _ in range(40):
         mid = 0.5 * (lo + hi)
         if cost(mid) >= min_macs:
             hi = mid

@@ -44,7 +44,7 @@ from rlrank.layers import LayerInfo
 from rlrank.methods.sparse_residual import MAX_SPARSE
 from rlrank.models import ModelSpec, build_model, load_checkpoint
 from rlrank.options import SEED_MAX
-from rlrank.planning import check_decomposition, is_excluded, searched_layers
+from rlrank.planning import MIXED, check_decomposition, is_excluded, searched_layers
 from rlrank.threads import configure_threads, warn_if_busy
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,19 @@ def validate(config: SearchConfig) -> None:
             raise ConfigError(
                 f"--decomposition prune does not work with {', '.join(k for k, v in refused.items() if v)} "
                 "for now (it removes channels; those options act on factorized layers)"
+            )
+    if config.decomposition == MIXED:
+        refused = {
+            "--stages > 1": config.stages > 1,
+            "--sparse": sparse > 0,
+            "--latency": config.latency_budget is not None,
+            "--admm-epochs": config.admm_epochs > 0,
+            "--agent surrogate": config.agent == "surrogate",
+        }
+        if any(refused.values()):
+            raise ConfigError(
+                f"--decomposition mixed does not work with {', '.join(k for k, v in refused.items() if v)} "
+                "for now; use --decomposition prune or tucker2 for those"
             )
     fraction("--spread", config.spread)
     fraction("--noise-decay", config.noise_decay)
@@ -219,7 +232,7 @@ def prepare(config: SearchConfig, model: nn.Module | None = None, data: DataSpli
     model = model.to(device)
     input_shape = (data.in_channels, data.input_size, data.input_size)
     layers = describe_layers(model, input_shape)
-    if config.decomposition == "prune" and not searched_layers(layers, "prune"):
+    if config.decomposition in ("prune", MIXED) and not searched_layers(layers, "prune"):
         raise ConfigError(
             f"no layer of {config.model} can be pruned: pruning removes input channels of a layer whose "
             "input one convolution alone makes (through BatchNorm and activations), and none does"
@@ -324,5 +337,7 @@ def check_policy(config: SearchConfig) -> str | None:
         config.center(),
     )
     with preserved_random_state():  # building the networks seeds the global generators
-        load_policy(config.policy, observation_space(), action_space())
+        load_policy(
+            config.policy, observation_space(), action_space(2 if config.decomposition == MIXED else 1)
+        )
     return warning

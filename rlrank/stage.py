@@ -28,7 +28,7 @@ from rlrank.checkpoint import SearchProgress, restore_checkpoint
 from rlrank.config import SearchConfig
 from rlrank.data import DataSplits
 from rlrank.describe import describe_layers
-from rlrank.envs import OBSERVATION_FEATURES, RankSearchEnv
+from rlrank.envs import OBSERVATION_FEATURES, MixedSearchEnv, RankSearchEnv
 from rlrank.errors import SearchError
 from rlrank.evaluator_pool import EvaluatorPool, open_pool
 from rlrank.factor_cache import FactorCache, input_grams, output_covariances
@@ -41,8 +41,9 @@ from rlrank.finetune import (
     train_epochs,
 )
 from rlrank.layers import LayerInfo
+from rlrank.mixed_units import search_units
 from rlrank.model_file import load, save
-from rlrank.planning import LayerPlan, searched_layers
+from rlrank.planning import MIXED, LayerPlan, searched_layers
 from rlrank.preflight import Setup
 from rlrank.records import TIMING_KEYS, EpisodeRow, StageResult
 from rlrank.run_folder import (
@@ -105,7 +106,8 @@ def run_stage(
     cache = stage_factor_cache(model, steps, config, data, k, progress)
     reward_config = stage_reward_config(config)
     spec = agent_spec(config.agent)
-    env = RankSearchEnv(
+    env_class = MixedSearchEnv if config.decomposition == MIXED else RankSearchEnv
+    env = env_class(
         layers,
         None,  # the search loop prices strategies through the stage's evaluator pool
         budget=budget,
@@ -134,7 +136,7 @@ def run_stage(
         pool.close()
 
     # ---- the chosen strategy, applied and fine-tuned
-    plans = [env.plan_step(i, best.layers[layer.name]["ratio"]) for i, layer in enumerate(env.steps)]
+    plans = env.layer_plans(env.strategy_of(best.layers))
     assert env.flops_ratio(plans) <= budget + 1e-9, "the chosen strategy exceeds the budget"
     _write_best_strategy(stage_dir / BEST_STRATEGY_FILE, best, plans, env, config)
     start = time.perf_counter()
@@ -329,6 +331,9 @@ def stage_factor_cache(
         covariances = output_covariances(model, names, training_images())
     if config.decomposition == "prune":  # select and refit channels on the layers' inputs
         grams = input_grams(model, names, training_images(), seed=config.seed + k)
+    elif config.decomposition == MIXED:  # the same for the layers a mixed search may prune
+        heads = [unit.head.name for unit in search_units(steps, config.exclude) if unit.partner]
+        grams = input_grams(model, heads, training_images(), seed=config.seed + k)
     cache = FactorCache(
         model,
         steps,

@@ -78,7 +78,7 @@ def decompose_model(
         memo = {id(model.get_submodule(plan.name)): nn.Identity() for plan in changes}
         target = copy.deepcopy(model, memo)
     for plan in changes:
-        module = cache.build(plan.name, plan.ranks, device, dtype, plan.filters)
+        module = cache.build(plan.name, plan.ranks, device, dtype, plan.filters, plan.method)
         get_method(plan.method).apply(target, plan.name, module)
     return target
 

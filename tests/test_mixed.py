@@ -1,0 +1,204 @@
+"""``--decomposition mixed``: units, the family action, walls per family, exact accounting, files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from test_prune import SHAPE, resnet20
+
+import rlrank
+from rlrank.agents.base import RandomAgent
+from rlrank.agents.policy_files import read_policy_metadata
+from rlrank.describe import describe_layers
+from rlrank.envs import Evaluation, MixedSearchEnv, smallest_budget
+from rlrank.factor_cache import FactorCache, input_grams
+from rlrank.flops import count_model
+from rlrank.methods import FactorizedLayer
+from rlrank.mixed_units import LOW_RANK, PRUNE, search_units
+from rlrank.model_file import save
+from rlrank.models import ModelSpec
+from rlrank.planning import searched_layers
+from rlrank.runlog import read_rows
+from rlrank.search import main
+from rlrank.surgery import decompose_model
+
+
+def mixed_env(budget: float = 0.5, **kwargs) -> MixedSearchEnv:
+    layers = describe_layers(resnet20(), SHAPE)
+    return MixedSearchEnv(layers, lambda plans: Evaluation(accuracy=0.5), budget=budget, **kwargs)
+
+
+def play(env: MixedSearchEnv, actions) -> dict:
+    env.reset()
+    for action in actions:
+        _, _, done, _, info = env.step(np.asarray(action, dtype=np.float32))
+    assert done
+    return info
+
+
+def test_units_pair_the_inner_convolutions_of_residual_blocks():
+    units = search_units(describe_layers(resnet20(), SHAPE))
+    pairs = {u.head.name: u.partner.name for u in units if u.partner is not None}
+    assert pairs == {f"layer{s}.{b}.conv2": f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in (0, 1, 2)}
+    singles = [u.head.name for u in units if u.partner is None]
+    assert singles == ["conv1", "linear"]  # the stem and the classifier: low rank only
+    assert [u.families for u in units if u.partner is None] == [(LOW_RANK,), (LOW_RANK,)]
+    assert all(u.families == (LOW_RANK, PRUNE) for u in units if u.partner is not None)
+
+
+def test_the_env_passes_gymnasiums_checker_with_a_two_entry_action():
+    env = mixed_env()
+    assert env.action_space.shape == (2,) and env.observation_space.shape == (18,)
+    check_env(env, skip_render_check=True)
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5])
+def test_every_episode_keeps_the_budget_whatever_the_families(budget):
+    env = mixed_env(budget, reserve=0.5)
+    rng = np.random.default_rng(0)
+    families = set()
+    for _ in range(40):
+        info = play(env, rng.uniform(-1, 1, size=(len(env.steps), 2)))
+        assert info["flops_ratio"] <= budget + 1e-9
+        methods = {p.name: p.method for p in info["plans"]}
+        for unit in env.units:
+            if unit.partner is not None and unit.partner.name not in methods:
+                families.add(PRUNE)  # a pruned pair: one plan, the head's, owning the partner
+            elif unit.partner is not None:
+                families.add(LOW_RANK)
+                assert methods[unit.head.name] in (LOW_RANK, None)
+    assert families == {LOW_RANK, PRUNE}
+    assert env.smallest_budget == pytest.approx(
+        smallest_budget(env.layers, "mixed", env.min_ratio), abs=1e-12
+    )
+
+
+def test_the_second_action_picks_the_family_at_the_same_fair_cost():
+    env = mixed_env(0.5, reserve=0.0, fill_budget=False)
+    index = next(i for i, u in enumerate(env.units) if u.partner is not None)
+    env.reset()
+    for _ in range(index):
+        env.step(np.zeros(2, dtype=np.float32))
+    spent = sum(p.macs for p in env._plans)
+    low_rank = env.plan_step(index, env.fair_ratio(index, spent, family=LOW_RANK), LOW_RANK)
+    pruned = env.plan_step(index, env.fair_ratio(index, spent, family=PRUNE), PRUNE)
+    assert low_rank.family == LOW_RANK and len(low_rank.plans) == 2
+    assert pruned.family == PRUNE and [p.method for p in pruned.plans] == [PRUNE]
+    # action 0 spends the same budget in both families, up to one channel
+    channel = env.units[index].head.macs / env.units[index].head.in_channels * 2
+    assert pruned.macs <= low_rank.macs and low_rank.macs - pruned.macs <= channel
+    _, _, _, _, info = env.step(np.array([0.0, 1.0], dtype=np.float32))
+    assert info["family"] == PRUNE
+    assert env._plans[-1].macs == pruned.macs
+    # one entry: the ratio action alone, low rank (how the rules play a mixed search)
+    env.reset()
+    assert play(env, [[0.0]] * len(env.steps))["plans"][1].method == LOW_RANK
+
+
+def test_a_mixed_strategy_is_applied_exactly_saved_and_reloaded(tmp_path):
+    model = resnet20()
+    env = mixed_env(0.5, reserve=0.5)
+    pruned_heads = {u.head.name for u in env.units[1::2] if u.partner is not None}
+    actions = [[0.0, 1.0 if u.head.name in pruned_heads else -1.0] for u in env.units]
+    info = play(env, actions)
+    plans = info["plans"]
+    assert {p.method for p in plans} >= {PRUNE, LOW_RANK}
+    assert env.flops_ratio(env.layer_plans(env.strategy_of(json_layers(plans)))) == info["flops_ratio"]
+
+    layers = describe_layers(model, SHAPE)
+    steps = searched_layers(layers, "mixed")
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn((16, *SHAPE), generator=generator) for _ in range(2)]
+    grams = input_grams(model, sorted(pruned_heads), batches)
+    cache = FactorCache(model, steps, "mixed", input_grams=grams)
+    cache.prepare_all()
+    compressed = decompose_model(model, plans, cache)
+    cost = count_model(compressed, SHAPE)
+    assert cost.macs == round(info["flops_ratio"] * env.dense_macs)  # exact accounting
+    assert any(isinstance(m, FactorizedLayer) for m in compressed.modules())
+    for plan in plans:
+        if plan.method == PRUNE:  # the producer and the head really narrower
+            (kept,) = plan.ranks
+            assert compressed.get_submodule(plan.name.replace("conv2", "conv1")).out_channels == kept
+            assert compressed.get_submodule(plan.name).in_channels == kept
+
+    path = tmp_path / "mixed.pt"
+    save(path, compressed.eval(), ModelSpec("resnet20", 10, 3, 16))
+    reloaded = rlrank.load(path).eval()
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), compressed(x))
+
+
+def json_layers(plans) -> dict:
+    return {p.name: {"ratio": p.ratio, "method": p.method, "ranks": p.ranks} for p in plans}
+
+
+def test_random_search_draws_both_action_entries():
+    agent = RandomAgent(seed=0, spread=0.25, dims=2)
+    agent.begin_episode(1)
+    actions = np.array([agent.act(np.zeros(18)) for _ in range(200)])
+    assert actions.shape == (200, 2) and np.abs(actions).max() <= 0.25
+    assert (actions[:, 1] > 0).mean() == pytest.approx(0.5, abs=0.1)
+
+
+SEARCH = [
+    "--model", "resnet20", "--decomposition", "mixed", "--flops", "0.5", "--episodes", "4", "--warmup", "2",
+    "--dense-epochs", "0.3", "--final-epochs", "0.1", "--finetune-steps", "1", "--bn-batches", "1",
+    "--quiet", "--no-latency",
+]  # fmt: skip
+
+
+def test_a_mixed_search_keeps_the_budget_and_tries_both_families(tmp_path):
+    assert main([*SEARCH, "--out", str(tmp_path)]) == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows = read_rows(run / "stage-1" / "episodes.jsonl")
+    assert len(rows) == 4 and all(row["flops_ratio"] <= 0.5 + 1e-9 for row in rows)
+    methods = {layer["method"] for row in rows for layer in row["layers"].values() if layer["ranks"]}
+    assert {PRUNE, LOW_RANK} <= methods
+    report = json.loads((run / "report.json").read_text())
+    assert report["compressed"]["flops_ratio"] <= 0.5 + 1e-9
+    best = json.loads((run / "stage-1" / "best_strategy.json").read_text())
+    model = rlrank.load(run / "model.pt")
+    for layer in best["layers"]:
+        if layer["method"] == PRUNE:  # the producer really narrower
+            producer = layer["name"].replace("conv2", "conv1")
+            assert model.get_submodule(producer).out_channels == layer["ranks"][0]
+        elif layer["method"] == LOW_RANK:
+            assert isinstance(model.get_submodule(layer["name"]), FactorizedLayer)
+
+
+def test_a_mixed_policy_is_reused_on_another_budget(tmp_path):
+    train = [*SEARCH, "--flops", "0.6", "--train-budgets", "0.4,0.6", "--out", str(tmp_path / "train")]
+    assert main(train) == 0
+    (run,) = [p for p in (tmp_path / "train").iterdir() if p.is_dir()]
+    rows = read_rows(run / "stage-1" / "episodes.jsonl")
+    assert [r["budget"] for r in rows[:4]] == [0.4, 0.6, 0.4, 0.6]
+    assert all(r["flops_ratio"] <= r["budget"] + 1e-12 for r in rows)
+    policy = run / "stage-1" / "policy"
+    assert read_policy_metadata(policy)["decomposition"] == "mixed"
+    reuse = [*SEARCH, "--flops", "0.45", "--episodes", "0", "--policy", str(policy)]
+    assert main([*reuse, "--out", str(tmp_path / "reuse")]) == 0
+    (reused,) = [p for p in (tmp_path / "reuse").iterdir() if p.is_dir()]
+    assert json.loads((reused / "report.json").read_text())["compressed"]["flops_ratio"] <= 0.45 + 1e-9
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--stages", "2"], "--stages > 1"),
+        (["--sparse", "0.2"], "--sparse"),
+        (["--latency", "0.9"], "--latency"),
+        (["--admm-epochs", "1"], "--admm-epochs"),
+        (["--agent", "surrogate"], "--agent surrogate"),
+    ],
+)
+def test_mixed_refuses_what_it_cannot_do_yet(tmp_path, capsys, extra, named):
+    assert main([*SEARCH, *extra, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--decomposition mixed does not work with" in err[0] and named in err[0], err
+    assert not any(tmp_path.iterdir())  # nothing half-written
