@@ -1,18 +1,19 @@
-"""Benchmark: the compression methods side by side (Tucker-2, CP, tensor train, tensor ring, pruning).
+"""Benchmark: the compression methods side by side (Tucker-2, CP, tensor train, tensor ring, pruning, mixed).
 
 A pretrained CIFAR ResNet (``--model``) on ``../shared`` CIFAR-10 at ``--flops 0.5``: the same search
 for every ``--decomposition`` (DDPG, the same episodes, warm-up, cheap-fine-tune reward and seed),
 then the same final fine-tune. One table: best validation reward (the selection criterion), test
 accuracy after the final fine-tune, FLOP and parameter ratios, the latency the search measured
 (batch 1 and 64, with the speed-up over the dense model), the batch-64 speed-up of both models in
-their fastest inference form and its ratio to the FLOP speed-up (issue 17's measure), appended to
+their fastest inference form and its ratio to the FLOP speed-up (issue 17's measure), the residual
+blocks the chosen strategy prunes (``pruned / pairs``: how ``mixed`` split them), appended to
 ``experiments/RESULTS.md`` with a line naming the best method for each goal.
 
 Run from the repository root::
 
     python experiments/bench_methods.py
     python experiments/bench_methods.py --episodes 100 --final-epochs 5 --device cuda
-    python experiments/bench_methods.py --model resnet56 --methods tucker2 prune --episodes 200
+    python experiments/bench_methods.py --model resnet56 --methods tucker2 prune mixed --episodes 200
     python experiments/bench_methods.py --dataset digits --model tiny --methods tucker2 tt \
         --episodes 2 --final-epochs 0.1 --no-append   # a smoke test on the embedded data
 """
@@ -20,6 +21,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import json
 
 import pandas as pd
 import recording
@@ -101,6 +103,7 @@ def results_frame(runs: dict[str, recording.SearchRun]) -> pd.DataFrame:
             "Δ test vs dense": report["test_accuracy_delta"],
             "FLOP ratio": report["compressed"]["flops_ratio"],
             "param ratio": report["compressed"]["params_ratio"],
+            "pruned / pairs": pruned_pairs(run),
         }
         for batch in ("batch1", "batch64"):
             entry = latency.get(batch, {})
@@ -113,6 +116,21 @@ def results_frame(runs: dict[str, recording.SearchRun]) -> pd.DataFrame:
         row["run wall s"] = run.wall_s
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def pruned_pairs(run: recording.SearchRun) -> str:
+    """``k / n``: residual blocks (prunable pairs) whose channels the chosen strategy prunes, of all."""
+    from rlrank.describe import describe_layers
+    from rlrank.models import ModelSpec, build_model
+    from rlrank.planning import searched_layers
+
+    best = json.loads((run.run_dir / "stage-1" / "best_strategy.json").read_text())
+    config = run.config
+    channels, size = (1, 8) if config["dataset"] == "digits" else (3, 32)
+    spec = ModelSpec(config["model"], 10, channels, size)
+    pairs = len(searched_layers(describe_layers(build_model(spec), (channels, size, size)), "prune"))
+    pruned = sum(layer["method"] == "prune" for layer in best["layers"])
+    return f"{pruned} / {pairs}"
 
 
 def _latency(ms: float, speedup: float, digits: int) -> str | None:
