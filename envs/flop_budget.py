@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from rlrank.errors import UserError
 from rlrank.layers import LayerInfo
-from rlrank.mixed_units import search_units, unit_plan
+from rlrank.mixed_units import FAMILIES, LOW_RANK, prunable_pairs, step_plan
 from rlrank.planning import MIXED, current_macs, current_ratio, owned_layers, plan_layer, searched_layers
 
 
@@ -35,15 +35,19 @@ def smallest_budget(
 ) -> float:
     """Fraction of the dense MACs left with every compressible layer (not excluded) at ``min_ratio``
     (with ``sparse``: as sparse + low-rank plans, :func:`rlrank.planning.sparse_plan`; ``mixed``:
-    every unit in its most expensive family there, what the walls reserve)."""
+    every step in its most expensive family there, what the walls reserve)."""
     dense = sum(layer.macs for layer in layers)
-    if decomposition == MIXED:  # each unit's most expensive family at its lowest ratio (the env's reserve)
-        units = search_units(layers, exclude)
-        in_units = {layer.name for unit in units for layer in unit.layers}
-        kept = sum(current_macs(layer) for layer in layers if layer.name not in in_units)
-        for unit in units:
-            low = min(min_ratio, current_ratio(unit.head))
-            kept += max(unit_plan(unit, low, family).macs for family in unit.families)
+    if decomposition == MIXED:  # each step's most expensive family at its lowest ratio (the env's reserve)
+        steps = {layer.name for layer in searched_layers(layers, decomposition, exclude)}
+        pairs = prunable_pairs(layers, exclude)
+        kept = 0
+        for layer in layers:
+            if layer.name not in steps:
+                kept += current_macs(layer)
+                continue
+            low = min(min_ratio, current_ratio(layer))
+            families = FAMILIES if layer.name in pairs else (LOW_RANK,)
+            kept += max(step_plan(layer, low, f, pairs.get(layer.name)).macs for f in families)
         return kept / dense
     steps = searched_layers(layers, decomposition, exclude)
     step_names = {layer.name for layer in steps}

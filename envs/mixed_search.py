@@ -1,4 +1,4 @@
-"""The mixed search: per unit the agent chooses channel pruning or low rank, and its ratio."""
+"""The mixed search: per residual block the agent chooses channel pruning or low rank."""
 
 from __future__ import annotations
 
@@ -11,43 +11,48 @@ from rlrank.envs.evaluation import Evaluator
 from rlrank.envs.rank_search import RankSearchEnv
 from rlrank.envs.spaces import action_space
 from rlrank.layers import LayerInfo
-from rlrank.mixed_units import LOW_RANK, PRUNE, UnitPlan, search_units, unit_family, unit_plan
+from rlrank.mixed_units import (
+    LOW_RANK,
+    PRUNE,
+    PRUNED_WITH_PRODUCER,
+    StepPlan,
+    logged_families,
+    prunable_pairs,
+    step_plan,
+)
 from rlrank.planning import MIXED, LayerPlan, largest_ratio_within
 
 
 class MixedSearchEnv(RankSearchEnv):
-    """:class:`RankSearchEnv` over the units of ``--decomposition mixed`` (:mod:`rlrank.mixed_units`).
+    """:class:`RankSearchEnv` for ``--decomposition mixed`` (:mod:`rlrank.mixed_units`).
 
     ## Description
 
-    One step per unit: a *pair* (a layer ``C`` whose input channels one convolution ``P`` alone
-    makes, with ``P``: the inner convolutions of a residual block) or a *single* layer that only
-    low rank compresses (stem, classifier, shortcut convolutions). A pair is either channel-pruned
-    (``C`` keeps a fraction of its input channels, ``P`` as many outputs, He et al.'s selection and
-    refit) or factorized (Tucker-2 of ``P`` and ``C`` at the same rank ratio; SVD for 1x1
-    convolutions); a single layer is factorized. Everything else is :class:`RankSearchEnv`'s.
+    The steps are those of the low-rank search (Tucker-2; SVD for 1x1 convolutions and linear
+    layers): one per layer, each factorized at its own ratio. At the step of a *producer* ``P`` (a
+    convolution whose outputs only the next convolution ``C`` of its residual block reads) the agent
+    may instead prune the pair: ``C`` keeps a fraction of its input channels and ``P`` as many
+    outputs (He et al.'s selection and least-squares refit); ``C``'s step then has nothing to choose
+    (its action is ignored, its plan empty). A strategy that never prunes is exactly one of the
+    low-rank search, its center strategy included (action 0 plays it).
 
     ## Action Space
 
     ``Box(-1, 1, (2,), float32)``. ``action[0]`` is the ratio action, mapped as
-    :class:`RankSearchEnv` maps its one action, but on the *chosen family's* fair ratio: the ratio
-    at which this unit in that family costs what the uniform low-rank strategy would give it, so
-    action 0 spends the same budget in both families. ``action[1]`` is the family: ``> 0`` prunes
-    a pair, ``<= 0`` factorizes it (ignored for a single layer; an action of one entry factorizes).
-    Random actions near 0 thus try both families equally; action 0 plays the low-rank center. The
-    walls are the chosen family's; the reserve kept for later units is each unit's most expensive
-    family at its lowest ratio, so every family stays affordable at every step and the FLOP budget
-    holds for every episode.
+    :class:`RankSearchEnv` maps its one action, on the *chosen family's* fair ratio: for pruning,
+    the keep ratio at which the pair costs what the fair (or center) low-rank ratios of ``P`` and
+    ``C`` cost, so action 0 spends the same budget in both families. ``action[1]`` is the family at
+    a producer's step: ``> 0`` prunes the pair, ``<= 0`` factorizes ``P`` (ignored at other steps;
+    an action of one entry factorizes). Random actions near 0 thus try both families equally. The
+    walls are the chosen family's; the reserve kept for later steps is each step's most expensive
+    family at its lowest ratio, so every family stays affordable and the FLOP budget holds for
+    every episode.
 
-    ## Observation Space
+    ## Observation Space, Rewards, Starting State, Episode End
 
-    :class:`RankSearchEnv`'s 18 features of the unit's head layer ``C``; the walls and the fair
-    ratio are the low-rank family's, the MACs removed count both layers of a pair.
-
-    ## Rewards, Starting State, Episode End
-
-    As :class:`RankSearchEnv`. Each step's ``info`` holds its ``family``; the last step's ``plans``
-    are per layer (a factorized pair: two plans; a pruned pair: ``C``'s, owning ``P``'s cost).
+    As :class:`RankSearchEnv` (the walls and fair ratio observed are the low-rank family's; a pruned
+    head observes its step with nothing to spend). Each step's ``info`` holds its ``family``; the
+    last step's ``plans`` are per layer (a pruned pair: ``C``'s plan, owning ``P``'s cost).
 
     ## Arguments
 
@@ -66,37 +71,52 @@ class MixedSearchEnv(RankSearchEnv):
                 f"the mixed search does not work with {', '.join(k for k, v in refused.items() if v)}"
             )
         kwargs.pop("decomposition", None)
+        self._plans: list[StepPlan] = []
         super().__init__(layers, evaluator, decomposition=MIXED, **kwargs)
         self.action_space = action_space(2)
 
     def _search_steps(self) -> tuple[list[LayerInfo], set[str]]:
-        self.units = search_units(self.layers, self.exclude)
-        return [unit.head for unit in self.units], {u.partner.name for u in self.units if u.partner}
+        steps, owned = super()._search_steps()
+        self.pairs = prunable_pairs(self.layers, self.exclude)  # producer name -> head
+        index = {layer.name: i for i, layer in enumerate(steps)}
+        self._head_index = {index[p]: index[head.name] for p, head in self.pairs.items()}
+        self._producer_of = {c: p for p, c in self._head_index.items()}
+        return steps, owned
 
     def families(self, index: int) -> tuple[str, ...]:
-        return self.units[index].families
+        return (LOW_RANK, PRUNE) if index in self._head_index else (LOW_RANK,)
 
-    def plan_step(self, index: int, ratio: float, family: str | None = None) -> UnitPlan:  # type: ignore[override]
+    def plan_step(self, index: int, ratio: float, family: str | None = None) -> StepPlan:  # type: ignore[override]
         ratio = float(np.clip(ratio, self._low[index], self._upper[index]))
-        return unit_plan(self.units[index], ratio, family or LOW_RANK)
+        producer = self._producer_of.get(index)
+        if producer is not None and producer < len(self._plans) and self._plans[producer].family == PRUNE:
+            family = PRUNED_WITH_PRODUCER
+        layer = self.steps[index]
+        return step_plan(layer, ratio, family or LOW_RANK, self.pairs.get(layer.name))
 
-    def layer_plans(self, plans: Sequence[UnitPlan]) -> list[LayerPlan]:  # type: ignore[override]
-        return [plan for unit in plans for plan in unit.plans]
+    def layer_plans(self, plans: Sequence[StepPlan]) -> list[LayerPlan]:  # type: ignore[override]
+        return [plan for step in plans for plan in step.plans]
 
-    def strategy_of(self, layers: dict[str, dict[str, Any]]) -> list[UnitPlan]:  # type: ignore[override]
-        return [
-            self.plan_step(i, layers[unit.head.name]["ratio"], unit_family(unit, layers))
-            for i, unit in enumerate(self.units)
-        ]
+    def strategy_of(self, layers: dict[str, dict[str, Any]]) -> list[StepPlan]:  # type: ignore[override]
+        played, self._plans = self._plans, []
+        try:
+            for i, (family, ratio) in enumerate(logged_families(self.steps, self.pairs, layers)):
+                self._plans.append(self.plan_step(i, ratio, family))
+            return self._plans
+        finally:
+            self._plans = played
 
     def fair_ratio(self, index: int, spent: float, spent_ms: float = 0.0, family: str | None = None) -> float:
-        """The low-rank fair ratio, or, for pruning, the ratio costing what that one does."""
+        """The low-rank fair ratio, or, for pruning, the keep ratio costing what the low-rank fair
+        ratios of the pair's two layers cost."""
         fair = super().fair_ratio(index, spent, spent_ms)
-        if family in (None, LOW_RANK):
+        if family != PRUNE:
             return fair
-        macs = self.plan_step(index, fair, LOW_RANK).macs
+        head = self._head_index[index]
+        head_fair = fair if self._center is None else fair / self._center[index] * self._center[head]
+        low_rank = self.plan_step(index, fair, LOW_RANK).macs + self.plan_step(head, head_fair, LOW_RANK).macs
         return largest_ratio_within(
-            lambda r: self.plan_step(index, r, family).macs, macs, self._low[index], self._upper[index]
+            lambda r: self.plan_step(index, r, PRUNE).macs, low_rank, self._low[index], self._upper[index]
         )
 
     def _family_and_ratio_action(self, index: int, action: np.ndarray) -> tuple[str, float]:

@@ -214,9 +214,7 @@ class RankSearchEnv(FairShare, gym.Env):
             max(self.plan_step(i, low, f).macs for f in self.families(i)) for i, low in enumerate(self._low)
         ]
         self.smallest_budget = (self.fixed_macs + sum(self._min_macs)) / self.dense_macs
-        self._max_macs = [
-            max(self.plan_step(i, up, f).macs for f in self.families(i)) for i, up in enumerate(self._upper)
-        ]
+        self._max_macs = [self.plan_step(i, upper).macs for i, upper in enumerate(self._upper)]
         self._center: np.ndarray | None = None
         self._fair_grid, self._grid_macs, self._suffix_macs = self._tabulate_macs()
         self.budgets = [float(b) for b in (budgets if budgets else [budget])]

@@ -21,22 +21,7 @@ else
   SEL=""
   WRK="--configs inproc:4 4:2:0.25 8:1:0.125 --episodes 64"
   METHODS="alds random ddpg surrogate"
-  if [ -f .devcarry/site312.tar.xz ]; then  # packages carried as files (gpu_checks_prepare.sh)
-    mkdir -p /tmp/site && tar -xJf .devcarry/site312.tar.xz -C /tmp/site
-    chmod -R a+x /tmp/site/ray/core  # Ray's gcs_server and raylet (archives of older prepare scripts lost the modes)
-    export PYTHONPATH=/tmp/site
-  fi
-  if ! python3 -c "import rlrank.envs, rlrank.agents" 2>/dev/null; then
-    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$L/install.log" 2>&1 \
-      || log "editable install failed (see install.log)"
-  fi
-  if ! python3 -c "import rlrank.envs, rlrank.agents" 2>>"$L/install.log"; then  # no editable install
-    ln -sfn ../envs rlrank/envs; ln -sfn ../agents rlrank/agents; export PYTHONPATH=$PWD:${PYTHONPATH:-}
-    log "rlrank from the checkout (symlinked envs/agents)"
-  fi
-  [ -e ../shared ] || ln -s "$PWD/.devcarry/shared" ../shared
-  ls -la ../shared/ >>"$L/install.log" 2>&1
-  nvidia-smi >"$L/nvidia-smi.txt" 2>&1
+  source experiments/gpu_setup.sh  # carried packages, rlrank importable, ../shared
 fi
 python3 -c "import torch, gymnasium, stable_baselines3, tensorly, rlrank.envs; print('torch', torch.__version__, 'cuda', torch.cuda.is_available()); import ray; print('ray', ray.__version__)" 2>&1 | tee -a "$OUT/steps.log"
 if [ "$DEV" = cuda ]; then  # decode CIFAR-10 once (cached) before four searches read it at once

@@ -10,7 +10,7 @@ from __future__ import annotations
 from rlrank.envs import smallest_budget
 from rlrank.layers import LayerInfo
 from rlrank.methods import get_method
-from rlrank.mixed_units import search_units
+from rlrank.mixed_units import prunable_pairs
 from rlrank.planning import MIXED, is_excluded, method_for, searched_layers, single_method
 from rlrank.preflight import Setup
 
@@ -50,10 +50,9 @@ def layer_listing(setup: Setup) -> str:
             f"{layer.params:>10,}  {what}"
         )
     smallest = smallest_budget(layers, config.decomposition, config.min_ratio, config.exclude)
-    searched = len(search_units(layers, config.exclude)) if mixed else len(steps)
     lines += [
         "",
-        f"{config.model}: {len(layers)} conv / linear layers, {searched} searched with {config.decomposition}"
+        f"{config.model}: {len(layers)} conv / linear layers, {len(steps)} searched with {config.decomposition}"
         + (
             ""
             if get_method(single_method(config.decomposition)).pointwise
@@ -67,15 +66,9 @@ def layer_listing(setup: Setup) -> str:
 
 
 def mixed_roles(layers: list[LayerInfo], exclude: list[str] | None) -> dict[str, str]:
-    """What ``--decomposition mixed`` does with each layer of its units (:mod:`rlrank.mixed_units`)."""
+    """What ``--decomposition mixed`` may do with the layers of its prunable pairs."""
     roles = {}
-    for unit in search_units(layers, exclude):
-        low_rank = method_for(unit.head, MIXED)
-        if unit.partner is None:
-            roles[unit.head.name] = low_rank
-        else:
-            roles[unit.partner.name] = (
-                f"mixed with {unit.head.name}: {method_for(unit.partner, MIXED)} or pruned outputs"
-            )
-            roles[unit.head.name] = f"mixed: {low_rank} or pruned input channels (with {unit.partner.name})"
+    for producer, head in prunable_pairs(layers, exclude).items():
+        roles[producer] = f"{method_for(head, MIXED)}, or pruned outputs with {head.name}"
+        roles[head.name] = f"{method_for(head, MIXED)}, or pruned input channels with {producer}"
     return roles

@@ -1,18 +1,14 @@
-"""The mixed decomposition (``--decomposition mixed``): per unit, channel pruning or low rank.
+"""The mixed decomposition (``--decomposition mixed``): per residual block, channel pruning or low rank.
 
-A search with ``mixed`` walks *units*, not layers:
-
-* a **pair**: a layer ``C`` whose input channels one convolution ``P`` alone makes (a step of
-  ``--decomposition prune``: the inner convolutions of residual blocks) together with ``P``. Its two
-  families at ratio ``r``: ``prune`` keeps ``round(r * c)`` of ``C``'s input channels and as many of
-  ``P``'s outputs (one plan, of ``C``, owning ``P``'s cost, as :mod:`rlrank.methods.prune` prices
-  it); low rank (:data:`~rlrank.planning.MIXED_LOW_RANK`, SVD for 1x1 convolutions) factorizes
-  ``P`` and ``C`` at the same ratio ``r`` (two plans). At ratio 1 both families leave the pair dense.
-* a **single** layer that only low rank compresses (the stem, the classifier, shortcut
-  convolutions, and any layer whose input channels several layers make).
-
-Every layer's cost belongs to one unit's plans or to the fixed rest, so a strategy's MACs are the
-sum of its units' and the FLOP budget is guaranteed as for a single method. Priced from
+A mixed search walks the same layers as a low-rank one (:data:`~rlrank.planning.MIXED_LOW_RANK`,
+SVD for 1x1 convolutions and linear layers), one step each, and every layer can be factorized at
+its own ratio. A **pair** is a layer ``C`` whose input channels one convolution ``P`` alone makes
+(a step of ``--decomposition prune``: the inner convolutions of a residual block) with ``P``. At
+``P``'s step the pair may instead be **pruned**: ``C`` keeps ``round(r * c)`` of its ``c`` input
+channels and ``P`` as many outputs, one plan of ``C`` owning both layers' cost (as
+:mod:`rlrank.methods.prune` prices it); ``C``'s own step then has nothing left to choose (an empty
+plan). Every layer's cost belongs to one step's plan or to the fixed rest, so a strategy's MACs are
+the sum of its steps' and the FLOP budget is guaranteed as for a single method. Priced from
 :class:`~rlrank.layers.LayerInfo` alone, like :mod:`rlrank.planning`.
 """
 
@@ -28,41 +24,21 @@ from rlrank.planning import MIXED_LOW_RANK, LayerPlan, plan_layer, searched_laye
 PRUNE = "prune"
 LOW_RANK = MIXED_LOW_RANK
 FAMILIES = (LOW_RANK, PRUNE)
-"""A unit's families, in the order the action's two halves pick them (low rank, then pruning)."""
+"""The families of a pair's producer step: low rank (its own ratio) or pruning the pair."""
+PRUNED_WITH_PRODUCER = "pruned-with-producer"
+"""The family of a pair's head step once its producer's step pruned the pair: nothing to plan."""
 
 
 @dataclass(frozen=True)
-class SearchUnit:
-    """One step of a mixed search.
+class StepPlan:
+    """What one step of a mixed search plans: its layers' plans and their summed cost.
 
     Attributes:
-        head: The layer naming the step (``C`` of a pair, else the single layer).
-        partner: ``P`` of a pair (the producer of ``head``'s input channels), ``None`` for a single.
-    """
-
-    head: LayerInfo
-    partner: LayerInfo | None = None
-
-    @property
-    def families(self) -> tuple[str, ...]:
-        """The families this unit may take: both for a pair, low rank for a single layer."""
-        return FAMILIES if self.partner is not None else (LOW_RANK,)
-
-    @property
-    def layers(self) -> tuple[LayerInfo, ...]:
-        """The unit's layers in forward order."""
-        return (self.head,) if self.partner is None else (self.partner, self.head)
-
-
-@dataclass(frozen=True)
-class UnitPlan:
-    """What a ratio and family do to one unit: its layers' plans and their summed cost.
-
-    Attributes:
-        name: The unit's head layer.
+        name: The step's layer.
         ratio: The ratio played.
-        family: ``prune`` or the low-rank family.
-        plans: The layers' plans (a pruned pair: one, ``C``'s, owning ``P``'s cost).
+        family: ``prune`` (a producer's step pruning its pair), the low-rank family, or
+            :data:`PRUNED_WITH_PRODUCER` (a head whose pair is pruned: no plan).
+        plans: The plans (pruning: one, the head's, owning the producer's cost; a pruned head: none).
     """
 
     name: str
@@ -83,38 +59,43 @@ class UnitPlan:
         return all(p.dense for p in self.plans)
 
 
-def search_units(layers: Sequence[LayerInfo], exclude: Sequence[str] | None = None) -> list[SearchUnit]:
-    """The units of a mixed search, in the forward order of their heads.
-
-    A pair needs both of its layers compressible by low rank and not excluded, and ``C`` a step of
-    ``--decomposition prune``; every other layer that low rank compresses is a single unit.
-    """
-    low_rank = searched_layers(layers, LOW_RANK, exclude)
-    names = {layer.name for layer in low_rank}
-    by_name = {layer.name: layer for layer in layers}
-    partners = {
-        head.name: by_name[str(head.producer)]
+def prunable_pairs(layers: Sequence[LayerInfo], exclude: Sequence[str] | None = None) -> dict[str, LayerInfo]:
+    """``{producer name: head}`` of every pair a mixed search may prune: the head a step of
+    ``--decomposition prune``, both layers compressible by low rank and not excluded."""
+    names = {layer.name for layer in searched_layers(layers, LOW_RANK, exclude)}
+    return {
+        str(head.producer): head
         for head in searched_layers(layers, PRUNE, exclude)
         if head.name in names and str(head.producer) in names
     }
-    paired = {partner.name for partner in partners.values()}
-    return [SearchUnit(layer, partners.get(layer.name)) for layer in low_rank if layer.name not in paired]
 
 
-def unit_plan(unit: SearchUnit, ratio: float, family: str) -> UnitPlan:
-    """The plans of ``unit`` at ``ratio`` in ``family`` (a family the unit cannot take is refused).
-
-    Both families' MACs are non-decreasing in the ratio, which the walls' bisections rely on.
-    """
-    if family not in unit.families:
-        raise ValueError(f"unit {unit.head.name} cannot take family {family!r}; it takes {unit.families}")
+def step_plan(layer: LayerInfo, ratio: float, family: str, head: LayerInfo | None = None) -> StepPlan:
+    """The plan of ``layer``'s step at ``ratio`` in ``family`` (``head``: the layer whose input
+    channels ``layer`` makes, which pruning prunes with it). MACs are non-decreasing in the ratio
+    in every family, which the walls' bisections rely on."""
     if family == PRUNE:
-        plans: tuple[LayerPlan, ...] = (plan_layer(unit.head, ratio, PRUNE),)
-    else:
-        plans = tuple(plan_layer(layer, ratio, LOW_RANK) for layer in unit.layers)
-    return UnitPlan(unit.head.name, float(ratio), family, plans)
+        if head is None:
+            raise ValueError(f"layer {layer.name} makes no pair that pruning could take")
+        return StepPlan(layer.name, float(ratio), PRUNE, (plan_layer(head, ratio, PRUNE),))
+    if family == PRUNED_WITH_PRODUCER:
+        return StepPlan(layer.name, float(ratio), family, ())
+    return StepPlan(layer.name, float(ratio), LOW_RANK, (plan_layer(layer, ratio, LOW_RANK),))
 
 
-def unit_family(unit: SearchUnit, layers: Mapping[str, Mapping[str, Any]]) -> str:
-    """The family a logged strategy gave ``unit`` (``layers``: an episode row's per-layer entries)."""
-    return PRUNE if unit.partner is not None and unit.partner.name not in layers else LOW_RANK
+def logged_families(
+    steps: Sequence[LayerInfo], pairs: Mapping[str, LayerInfo], layers: Mapping[str, Mapping[str, Any]]
+) -> list[tuple[str, float]]:
+    """Per step, the family and ratio that a logged strategy (an episode row's per-layer entries)
+    gave it: a pair is pruned when its producer has no entry of its own."""
+    heads = {head.name for head in pairs.values()}
+    pruned = {pairs[p].name for p in pairs if p not in layers}
+    found = []
+    for layer in steps:
+        if layer.name in pairs and layer.name not in layers:
+            found.append((PRUNE, float(layers[pairs[layer.name].name]["ratio"])))
+        elif layer.name in heads and layer.name in pruned:
+            found.append((PRUNED_WITH_PRODUCER, 1.0))
+        else:
+            found.append((LOW_RANK, float(layers[layer.name]["ratio"])))
+    return found

@@ -41,7 +41,7 @@ from rlrank.finetune import (
     train_epochs,
 )
 from rlrank.layers import LayerInfo
-from rlrank.mixed_units import search_units
+from rlrank.mixed_units import prunable_pairs
 from rlrank.model_file import load, save
 from rlrank.planning import MIXED, LayerPlan, searched_layers
 from rlrank.preflight import Setup
@@ -332,7 +332,7 @@ def stage_factor_cache(
     if config.decomposition == "prune":  # select and refit channels on the layers' inputs
         grams = input_grams(model, names, training_images(), seed=config.seed + k)
     elif config.decomposition == MIXED:  # the same for the layers a mixed search may prune
-        heads = [unit.head.name for unit in search_units(steps, config.exclude) if unit.partner]
+        heads = [head.name for head in prunable_pairs(steps, config.exclude).values()]
         grams = input_grams(model, heads, training_images(), seed=config.seed + k)
     cache = FactorCache(
         model,

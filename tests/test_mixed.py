@@ -1,4 +1,4 @@
-"""``--decomposition mixed``: units, the family action, walls per family, exact accounting, files."""
+"""``--decomposition mixed``: pairs, the family action, walls per family, exact accounting, files."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import rlrank
 from rlrank.agents.base import RandomAgent
 from rlrank.agents.policy_files import read_policy_metadata
 from rlrank.describe import describe_layers
-from rlrank.envs import Evaluation, MixedSearchEnv, smallest_budget
+from rlrank.envs import Evaluation, MixedSearchEnv, RankSearchEnv, smallest_budget
 from rlrank.factor_cache import FactorCache, input_grams
 from rlrank.flops import count_model
 from rlrank.methods import FactorizedLayer
-from rlrank.mixed_units import LOW_RANK, PRUNE, search_units
+from rlrank.mixed_units import LOW_RANK, PRUNE, PRUNED_WITH_PRODUCER, prunable_pairs
 from rlrank.model_file import save
 from rlrank.models import ModelSpec
 from rlrank.planning import searched_layers
@@ -40,14 +40,27 @@ def play(env: MixedSearchEnv, actions) -> dict:
     return info
 
 
-def test_units_pair_the_inner_convolutions_of_residual_blocks():
-    units = search_units(describe_layers(resnet20(), SHAPE))
-    pairs = {u.head.name: u.partner.name for u in units if u.partner is not None}
-    assert pairs == {f"layer{s}.{b}.conv2": f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in (0, 1, 2)}
-    singles = [u.head.name for u in units if u.partner is None]
-    assert singles == ["conv1", "linear"]  # the stem and the classifier: low rank only
-    assert [u.families for u in units if u.partner is None] == [(LOW_RANK,), (LOW_RANK,)]
-    assert all(u.families == (LOW_RANK, PRUNE) for u in units if u.partner is not None)
+def test_pairs_are_the_inner_convolutions_of_residual_blocks_and_steps_those_of_tucker2():
+    layers = describe_layers(resnet20(), SHAPE)
+    pairs = {p: head.name for p, head in prunable_pairs(layers).items()}
+    assert pairs == {f"layer{s}.{b}.conv1": f"layer{s}.{b}.conv2" for s in (1, 2, 3) for b in (0, 1, 2)}
+    env = mixed_env()
+    assert [layer.name for layer in env.steps] == [layer.name for layer in searched_layers(layers, "tucker2")]
+    producers = [i for i, layer in enumerate(env.steps) if layer.name in pairs]
+    assert all(env.families(i) == (LOW_RANK, PRUNE) for i in producers)
+    assert all(env.families(i) == (LOW_RANK,) for i in range(len(env.steps)) if i not in producers)
+
+
+def test_a_search_that_never_prunes_is_the_low_rank_search():
+    layers = describe_layers(resnet20(), SHAPE)
+    mixed = mixed_env(0.5, reserve=0.5)
+    low_rank = RankSearchEnv(layers, lambda plans: Evaluation(accuracy=0.5), budget=0.5, reserve=0.5)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        actions = rng.uniform(-1, 1, size=len(mixed.steps))
+        ours = play(mixed, [[a, -abs(b)] for a, b in zip(actions, actions[::-1], strict=True)])["plans"]
+        theirs = play(low_rank, [[a] for a in actions])["plans"]
+        assert ours == theirs
 
 
 def test_the_env_passes_gymnasiums_checker_with_a_two_entry_action():
@@ -64,13 +77,10 @@ def test_every_episode_keeps_the_budget_whatever_the_families(budget):
     for _ in range(40):
         info = play(env, rng.uniform(-1, 1, size=(len(env.steps), 2)))
         assert info["flops_ratio"] <= budget + 1e-9
-        methods = {p.name: p.method for p in info["plans"]}
-        for unit in env.units:
-            if unit.partner is not None and unit.partner.name not in methods:
-                families.add(PRUNE)  # a pruned pair: one plan, the head's, owning the partner
-            elif unit.partner is not None:
-                families.add(LOW_RANK)
-                assert methods[unit.head.name] in (LOW_RANK, None)
+        names = {p.name for p in info["plans"]}
+        for producer, head in env.pairs.items():
+            families.add(LOW_RANK if producer in names else PRUNE)  # a pruned pair: the head's plan only
+            assert head.name in names
     assert families == {LOW_RANK, PRUNE}
     assert env.smallest_budget == pytest.approx(
         smallest_budget(env.layers, "mixed", env.min_ratio), abs=1e-12
@@ -79,31 +89,35 @@ def test_every_episode_keeps_the_budget_whatever_the_families(budget):
 
 def test_the_second_action_picks_the_family_at_the_same_fair_cost():
     env = mixed_env(0.5, reserve=0.0, fill_budget=False)
-    index = next(i for i, u in enumerate(env.units) if u.partner is not None)
+    index = next(i for i, layer in enumerate(env.steps) if layer.name in env.pairs)
+    head = next(i for i, layer in enumerate(env.steps) if layer.name == env.pairs[env.steps[index].name].name)
     env.reset()
     for _ in range(index):
         env.step(np.zeros(2, dtype=np.float32))
     spent = sum(p.macs for p in env._plans)
-    low_rank = env.plan_step(index, env.fair_ratio(index, spent, family=LOW_RANK), LOW_RANK)
+    fair = env.fair_ratio(index, spent, family=LOW_RANK)
+    low_rank = env.plan_step(index, fair, LOW_RANK).macs + env.plan_step(head, fair, LOW_RANK).macs
     pruned = env.plan_step(index, env.fair_ratio(index, spent, family=PRUNE), PRUNE)
-    assert low_rank.family == LOW_RANK and len(low_rank.plans) == 2
     assert pruned.family == PRUNE and [p.method for p in pruned.plans] == [PRUNE]
     # action 0 spends the same budget in both families, up to one channel
-    channel = env.units[index].head.macs / env.units[index].head.in_channels * 2
-    assert pruned.macs <= low_rank.macs and low_rank.macs - pruned.macs <= channel
+    channel = env.steps[head].macs / env.steps[head].in_channels * 2
+    assert pruned.macs <= low_rank and low_rank - pruned.macs <= channel
     _, _, _, _, info = env.step(np.array([0.0, 1.0], dtype=np.float32))
-    assert info["family"] == PRUNE
-    assert env._plans[-1].macs == pruned.macs
+    assert info["family"] == PRUNE and env._plans[-1].macs == pruned.macs
+    for _ in range(index + 1, head + 1):  # the head's step has nothing left to plan
+        _, _, _, _, info = env.step(np.array([1.0, 1.0], dtype=np.float32))
+    assert env._plans[-1].family == PRUNED_WITH_PRODUCER and env._plans[-1].macs == 0
     # one entry: the ratio action alone, low rank (how the rules play a mixed search)
-    env.reset()
-    assert play(env, [[0.0]] * len(env.steps))["plans"][1].method == LOW_RANK
+    plans = play(env, [[0.0]] * len(env.steps))["plans"]
+    assert {p.name for p in plans} >= set(env.pairs)
 
 
 def test_a_mixed_strategy_is_applied_exactly_saved_and_reloaded(tmp_path):
     model = resnet20()
     env = mixed_env(0.5, reserve=0.5)
-    pruned_heads = {u.head.name for u in env.units[1::2] if u.partner is not None}
-    actions = [[0.0, 1.0 if u.head.name in pruned_heads else -1.0] for u in env.units]
+    pruned = sorted(env.pairs)[::2]
+    pruned_heads = {env.pairs[p].name for p in pruned}
+    actions = [[0.0, 1.0 if layer.name in pruned else -1.0] for layer in env.steps]
     info = play(env, actions)
     plans = info["plans"]
     assert {p.method for p in plans} >= {PRUNE, LOW_RANK}
