@@ -94,6 +94,14 @@ class MixedSearchEnv(RankSearchEnv):
         layer = self.steps[index]
         return step_plan(layer, ratio, family or LOW_RANK, self.pairs.get(layer.name))
 
+    def plan(self, ratios: Sequence[float]) -> list[StepPlan]:  # type: ignore[override]
+        """Low-rank plans for one ratio per step, whatever the episode being played."""
+        played, self._plans = self._plans, []
+        try:
+            return [self.plan_step(i, r) for i, r in enumerate(ratios)]
+        finally:
+            self._plans = played
+
     def layer_plans(self, plans: Sequence[StepPlan]) -> list[LayerPlan]:  # type: ignore[override]
         return [plan for step in plans for plan in step.plans]
 

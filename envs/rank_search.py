@@ -399,9 +399,9 @@ class RankSearchEnv(FairShare, gym.Env):
             self.budget = budget
         else:
             self.budget = self.budgets[self._episode % len(self.budgets)]
-        self._reserved = self._reserved_macs()
         self._t = 0
-        self._plans = []
+        self._plans = []  # before the reserve: a mixed search's plans depend on the episode's plans
+        self._reserved = self._reserved_macs()
         self._prev_ratio = 1.0
         return self._observation(), {"budget": self.budget, "layer": self.steps[0].name}
 

@@ -216,3 +216,13 @@ def test_mixed_refuses_what_it_cannot_do_yet(tmp_path, capsys, extra, named):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--decomposition mixed does not work with" in err[0] and named in err[0], err
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_an_episode_does_not_leak_into_the_next_ones_walls_or_the_rules_costs():
+    played, fresh = mixed_env(0.5, reserve=0.5), mixed_env(0.5, reserve=0.5)
+    play(played, [[0.0, 1.0]] * len(played.steps))  # every pair pruned
+    ratios = [0.5] * len(played.steps)
+    assert [p.macs for p in played.plan(ratios)] == [p.macs for p in fresh.plan(ratios)]
+    played.reset()
+    fresh.reset()
+    np.testing.assert_array_equal(played._reserved, fresh._reserved)
