@@ -12,7 +12,6 @@ from test_prune import SHAPE, resnet20
 
 import rlrank
 from rlrank.agents.base import RandomAgent
-from rlrank.agents.policy_files import read_policy_metadata
 from rlrank.describe import describe_layers
 from rlrank.envs import Evaluation, MixedSearchEnv, RankSearchEnv, smallest_budget
 from rlrank.factor_cache import FactorCache, input_grams
@@ -184,21 +183,6 @@ def test_a_mixed_search_keeps_the_budget_and_tries_both_families(tmp_path):
             assert model.get_submodule(producer).out_channels == layer["ranks"][0]
         elif layer["method"] == LOW_RANK:
             assert isinstance(model.get_submodule(layer["name"]), FactorizedLayer)
-
-
-def test_a_mixed_policy_is_reused_on_another_budget(tmp_path):
-    train = [*SEARCH, "--flops", "0.6", "--train-budgets", "0.4,0.6", "--out", str(tmp_path / "train")]
-    assert main(train) == 0
-    (run,) = [p for p in (tmp_path / "train").iterdir() if p.is_dir()]
-    rows = read_rows(run / "stage-1" / "episodes.jsonl")
-    assert [r["budget"] for r in rows[:4]] == [0.4, 0.6, 0.4, 0.6]
-    assert all(r["flops_ratio"] <= r["budget"] + 1e-12 for r in rows)
-    policy = run / "stage-1" / "policy"
-    assert read_policy_metadata(policy)["decomposition"] == "mixed"
-    reuse = [*SEARCH, "--flops", "0.45", "--episodes", "0", "--policy", str(policy)]
-    assert main([*reuse, "--out", str(tmp_path / "reuse")]) == 0
-    (reused,) = [p for p in (tmp_path / "reuse").iterdir() if p.is_dir()]
-    assert json.loads((reused / "report.json").read_text())["compressed"]["flops_ratio"] <= 0.45 + 1e-9
 
 
 @pytest.mark.parametrize(

@@ -247,16 +247,18 @@ def test_a_pruning_search_keeps_the_budget_every_episode(tmp_path, agent):
     assert widths != [16] * 3 + [32] * 3 + [64] * 3  # channels really removed
 
 
-def test_a_pruning_policy_is_reused_on_another_budget(tmp_path):
-    train = [*SEARCH, "--flops", "0.6", "--train-budgets", "0.4,0.6", "--out", str(tmp_path / "train")]
+@pytest.mark.parametrize("decomposition", ["prune", "mixed"])
+def test_a_pruning_policy_is_reused_on_another_budget(tmp_path, decomposition):
+    search = [decomposition if arg == "prune" else arg for arg in SEARCH]
+    train = [*search, "--flops", "0.6", "--train-budgets", "0.4,0.6", "--out", str(tmp_path / "train")]
     assert main(train) == 0
     (run,) = [p for p in (tmp_path / "train").iterdir() if p.is_dir()]
     rows = read_rows(run / "stage-1" / "episodes.jsonl")
     assert [r["budget"] for r in rows[:4]] == [0.4, 0.6, 0.4, 0.6]
     assert all(r["flops_ratio"] <= r["budget"] + 1e-12 for r in rows)
     policy = run / "stage-1" / "policy"
-    assert read_policy_metadata(policy)["decomposition"] == "prune"
-    reuse = [*SEARCH, "--flops", "0.45", "--episodes", "0", "--policy", str(policy)]
+    assert read_policy_metadata(policy)["decomposition"] == decomposition
+    reuse = [*search, "--flops", "0.45", "--episodes", "0", "--policy", str(policy)]
     assert main([*reuse, "--out", str(tmp_path / "reuse")]) == 0
     (reused,) = [p for p in (tmp_path / "reuse").iterdir() if p.is_dir()]
     assert json.loads((reused / "report.json").read_text())["compressed"]["flops_ratio"] <= 0.45 + 1e-9
