@@ -155,7 +155,8 @@ def _surrogate(context: AgentContext) -> Agent:
     config = SurrogateConfig(
         warmup=max(1, context.warmup), spread=context.spread, start_at_center=context.start_at_center
     )
-    return SurrogateAgent(len(context.ratio_bounds), config, seed=context.seed)
+    dims = int(context.action_space.shape[0])
+    return SurrogateAgent(len(context.ratio_bounds), config, seed=context.seed, dims=dims)
 
 
 def _rule(rule: str) -> Callable[[AgentContext], Agent]:

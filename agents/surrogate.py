@@ -95,12 +95,17 @@ class SurrogateAgent(Agent):
         n_steps: Steps (compressible layers) of an episode.
         config: Settings.
         seed: Seed of the warm-up draws, the candidates and the forest.
+        dims: Entries of an action (2 with ``--decomposition mixed``: a strategy is then the
+            ``n_steps * dims`` entries, step by step, that the forest models).
     """
 
     name = "surrogate"
 
-    def __init__(self, n_steps: int, config: SurrogateConfig | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, n_steps: int, config: SurrogateConfig | None = None, seed: int = 0, dims: int = 1
+    ) -> None:
         self.n_steps = n_steps
+        self.dims = int(dims)
         self.config = config or SurrogateConfig()
         self.rng = np.random.default_rng(seed)
         self.episode = 0
@@ -134,16 +139,18 @@ class SurrogateAgent(Agent):
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         plan = self._plans[self.episode]
-        if self._step < len(plan):
-            action = plan[self._step]
+        start = self._step * self.dims
+        if start < len(plan):
+            action = plan[start : start + self.dims]
         else:
             if self.config.start_at_center and self.episode == 0:
-                action = 0.0
+                action = [0.0] * self.dims
             else:
-                action = float(self.rng.uniform(-self.config.spread, self.config.spread))
-            plan.append(action)
+                spread = self.config.spread
+                action = [float(self.rng.uniform(-spread, spread)) for _ in range(self.dims)]
+            plan.extend(action)
         self._step += 1
-        return np.array([action], dtype=np.float32)
+        return np.array(action, dtype=np.float32)
 
     def _plan(self, episode: int) -> list[float]:
         started = time.perf_counter()
@@ -167,8 +174,8 @@ class SurrogateAgent(Agent):
 
     def end_episode(self, transitions: Sequence[Transition], reward: float, episode: int) -> dict[str, float]:
         plan = self._plans.pop(episode, None)
-        if plan is None or len(plan) != self.n_steps:
-            plan = [float(np.asarray(tr.action).reshape(-1)[0]) for tr in transitions]
+        if plan is None or len(plan) != self.n_steps * self.dims:
+            plan = [float(a) for tr in transitions for a in np.asarray(tr.action).reshape(-1)[: self.dims]]
         self.actions.append(plan)
         self.rewards.append(float(reward))
         return self._stats.pop(episode, {})

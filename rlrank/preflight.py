@@ -92,7 +92,6 @@ def validate(config: SearchConfig) -> None:
             "--sparse": sparse > 0,
             "--latency": config.latency_budget is not None,
             "--admm-epochs": config.admm_epochs > 0,
-            "--agent surrogate": config.agent == "surrogate",
         }
         if any(refused.values()):
             raise ConfigError(

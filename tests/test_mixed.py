@@ -166,8 +166,9 @@ SEARCH = [
 ]  # fmt: skip
 
 
-def test_a_mixed_search_keeps_the_budget_and_tries_both_families(tmp_path):
-    assert main([*SEARCH, "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("agent", ["ddpg", "surrogate"])
+def test_a_mixed_search_keeps_the_budget_and_tries_both_families(tmp_path, agent):
+    assert main([*SEARCH, "--agent", agent, "--out", str(tmp_path)]) == 0
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     rows = read_rows(run / "stage-1" / "episodes.jsonl")
     assert len(rows) == 4 and all(row["flops_ratio"] <= 0.5 + 1e-9 for row in rows)
@@ -192,7 +193,6 @@ def test_a_mixed_search_keeps_the_budget_and_tries_both_families(tmp_path):
         (["--sparse", "0.2"], "--sparse"),
         (["--latency", "0.9"], "--latency"),
         (["--admm-epochs", "1"], "--admm-epochs"),
-        (["--agent", "surrogate"], "--agent surrogate"),
     ],
 )
 def test_mixed_refuses_what_it_cannot_do_yet(tmp_path, capsys, extra, named):
@@ -210,3 +210,22 @@ def test_an_episode_does_not_leak_into_the_next_ones_walls_or_the_rules_costs():
     played.reset()
     fresh.reset()
     np.testing.assert_array_equal(played._reserved, fresh._reserved)
+
+
+def test_the_surrogate_models_both_entries_and_warms_up_as_random_search():
+    from rlrank.agents.base import Transition
+    from rlrank.agents.surrogate import SurrogateAgent, SurrogateConfig
+
+    config = SurrogateConfig(warmup=3, spread=0.25, candidates=50, trees=5)
+    agent, random = SurrogateAgent(4, config, seed=3, dims=2), RandomAgent(seed=3, spread=0.25, dims=2)
+    obs = np.zeros(18, dtype=np.float32)
+    for episode in range(1, 5):
+        agent.begin_episode(episode)
+        random.begin_episode(episode)
+        actions = [agent.act(obs) for _ in range(4)]
+        assert all(a.shape == (2,) and np.abs(a).max() <= 0.25 for a in actions)
+        if episode < 3:
+            np.testing.assert_array_equal(actions, [random.act(obs) for _ in range(4)])
+        transitions = [Transition(obs, a, obs, False) for a in actions]
+        agent.end_episode(transitions, float(actions[0][1] > 0), episode)
+    assert agent.phase(4) == "model" and np.asarray(agent.actions).shape == (4, 8)
