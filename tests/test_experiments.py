@@ -203,24 +203,28 @@ def test_bench_policy_reuse(
 def test_bench_methods(
     script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--dataset", "digits", "--model", "tiny", "--methods", "tt", "prune", "--episodes", "2"]
+    argv = ["--dataset", "digits", "--model", "tiny", "--methods", "tt", "prune", "mixed", "--episodes", "2"]
     argv += ["--final-epochs", "0.1", *TINY_SEARCH, "--out", str(tmp_path / "runs"), "--no-append"]
     assert script("bench_methods").main(argv) == 0
     section = _section(capsys.readouterr().out, "Compression methods (tiny, digits, --flops 0.5)")
     (table,) = _tables(section)
     assert list(table.columns) == [
         "method", "best val reward", "test acc", "Δ test vs dense", "FLOP ratio", "param ratio",
-        "latency b1 ms (speed-up)", "latency b64 ms (speed-up)", "b64 speed-up fast",
+        "pruned / pairs", "latency b1 ms (speed-up)", "latency b64 ms (speed-up)", "b64 speed-up fast",
         "b64 fast / FLOP speed-up", "search s", "run wall s",
     ]  # fmt: skip
-    assert table["method"].tolist() == ["tt", "prune"]
+    assert table["method"].tolist() == ["tt", "prune", "mixed"]
+    assert table["pruned / pairs"].tolist()[:2] == ["0 / 1", "1 / 1"]  # tiny: one pair (conv2, conv3)
+    assert table["pruned / pairs"].tolist()[2] in ("0 / 1", "1 / 1")
     flop_speedup = 1 / table["FLOP ratio"].astype(float)
     ratio = table["b64 speed-up fast"].astype(float) / flop_speedup
     assert (abs(ratio - table["b64 fast / FLOP speed-up"].astype(float)) < 0.02).all()
     assert (table["FLOP ratio"].astype(float) <= 0.5).all()
     assert table["latency b1 ms (speed-up)"].str.endswith("x)").all()
     assert "- best in this table for test accuracy: " in section
-    assert _complete_runs(tmp_path / "runs") == ["flops0.5-prune-seed0", "flops0.5-tt-seed0"]
+    assert _complete_runs(tmp_path / "runs") == [
+        "flops0.5-mixed-seed0", "flops0.5-prune-seed0", "flops0.5-tt-seed0"
+    ]  # fmt: skip
 
 
 def _selectors_argv(tmp_path: Path, *extra: str) -> list[str]:
