@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -94,25 +95,29 @@ class MixedSearchEnv(RankSearchEnv):
         layer = self.steps[index]
         return step_plan(layer, ratio, family or LOW_RANK, self.pairs.get(layer.name))
 
-    def plan(self, ratios: Sequence[float]) -> list[StepPlan]:  # type: ignore[override]
-        """Low-rank plans for one ratio per step, whatever the episode being played."""
+    @contextmanager
+    def _outside_the_episode(self) -> Iterator[list[StepPlan]]:
+        """Plan steps as in a fresh episode (no pair pruned yet; the list yielded is the episode's
+        plans meanwhile), leaving the episode being played as it is."""
         played, self._plans = self._plans, []
         try:
-            return [self.plan_step(i, r) for i, r in enumerate(ratios)]
+            yield self._plans
         finally:
             self._plans = played
+
+    def plan(self, ratios: Sequence[float]) -> list[StepPlan]:  # type: ignore[override]
+        """Low-rank plans for one ratio per step, whatever the episode being played."""
+        with self._outside_the_episode():
+            return [self.plan_step(i, r) for i, r in enumerate(ratios)]
 
     def layer_plans(self, plans: Sequence[StepPlan]) -> list[LayerPlan]:  # type: ignore[override]
         return [plan for step in plans for plan in step.plans]
 
     def strategy_of(self, layers: dict[str, dict[str, Any]]) -> list[StepPlan]:  # type: ignore[override]
-        played, self._plans = self._plans, []
-        try:
+        with self._outside_the_episode() as plans:
             for i, (family, ratio) in enumerate(logged_families(self.steps, self.pairs, layers)):
-                self._plans.append(self.plan_step(i, ratio, family))
-            return self._plans
-        finally:
-            self._plans = played
+                plans.append(self.plan_step(i, ratio, family))
+            return plans
 
     def fair_ratio(self, index: int, spent: float, spent_ms: float = 0.0, family: str | None = None) -> float:
         """The low-rank fair ratio, or, for pruning, the keep ratio costing what the low-rank fair

@@ -67,8 +67,9 @@ def layer_listing(setup: Setup) -> str:
 
 def mixed_roles(layers: list[LayerInfo], exclude: list[str] | None) -> dict[str, str]:
     """What ``--decomposition mixed`` may do with the layers of its prunable pairs."""
+    by_name = {layer.name: layer for layer in layers}
     roles = {}
     for producer, head in prunable_pairs(layers, exclude).items():
-        roles[producer] = f"{method_for(head, MIXED)}, or pruned outputs with {head.name}"
+        roles[producer] = f"{method_for(by_name[producer], MIXED)}, or pruned outputs with {head.name}"
         roles[head.name] = f"{method_for(head, MIXED)}, or pruned input channels with {producer}"
     return roles

@@ -32,10 +32,9 @@ from rlrank.methods import (
     get_method,
 )
 from rlrank.methods.sparse_residual import scatter_filters, top_filters, with_sparse_residual
+from rlrank.mixed_units import PRUNE
 from rlrank.modes import preserved_modes
 from rlrank.planning import MIXED, check_decomposition, method_for
-
-PRUNE = "prune"
 
 
 class FactorCache:
@@ -173,16 +172,11 @@ class FactorCache:
         ``filters`` > 0 a :class:`~rlrank.methods.sparse_residual.SparseResidualLayer` that also keeps
         that many whole filters of the residual (see ``alternations``); ``method``: another method
         than the layer's own (the mixed decomposition's pruning)."""
-        if method is not None and method != self.method(name):
+        if not filters or (method is not None and method != self.method(name)):
             ranks = tuple(int(r) for r in ranks)
             empty = self._empty(name, ranks, device, dtype, method)
             module = self._load(name, empty, self.factors(name, ranks, method))
             self._method(name, method).finish(module, self.entry(name, method), ranks)
-            return module
-        if not filters:
-            ranks = tuple(int(r) for r in ranks)
-            module = self._load(name, self._empty(name, ranks, device, dtype), self.factors(name, ranks))
-            self._method(name).finish(module, self._entries[name], ranks)
             return module
         factors, index, sparse = self._split(name, tuple(int(r) for r in ranks), filters)
         low_rank = self._load(name, self._empty(name, ranks, device, dtype), factors)

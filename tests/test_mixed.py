@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
+from test_prune import SEARCH as PRUNE_SEARCH
 from test_prune import SHAPE, resnet20
 
 import rlrank
@@ -159,11 +160,7 @@ def test_random_search_draws_both_action_entries():
     assert (actions[:, 1] > 0).mean() == pytest.approx(0.5, abs=0.1)
 
 
-SEARCH = [
-    "--model", "resnet20", "--decomposition", "mixed", "--flops", "0.5", "--episodes", "4", "--warmup", "2",
-    "--dense-epochs", "0.3", "--final-epochs", "0.1", "--finetune-steps", "1", "--bn-batches", "1",
-    "--quiet", "--no-latency",
-]  # fmt: skip
+SEARCH = ["mixed" if arg == "prune" else arg for arg in PRUNE_SEARCH]  # the pruning tests' search
 
 
 @pytest.mark.parametrize("agent", ["ddpg", "surrogate"])
