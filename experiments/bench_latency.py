@@ -1,15 +1,16 @@
 """Benchmark: does latency follow the FLOPs? A FLOP-budget search against latency-aware searches.
 
-For each ``--models`` (pretrained CIFAR ResNets on ``../shared`` CIFAR-10): the same Tucker-2 DDPG
-search with ``--flops F`` alone, with ``--flops F --latency 1`` (the FLOP budget, and no layer left
-slower than dense where the FLOP budget allows) and with ``--latency L`` alone (``--latency-targets``,
-each a fraction of the dense model's measured latency; a target below what Tucker-2 can reach on
-this device is reported as such, not run). Every compressed model is then timed again here against
-its dense model in interleaved rounds at batch 1 and 64 (lower quartile of ``--rounds`` passes),
-as the search left it and in its fastest inference form (:func:`rlrank.inference.fastest_form`:
-BatchNorm folded, each layer's factor convolutions grouped as measured fastest). One table per
-model: FLOP speed-up, measured speed-ups, their ratio at batch 64 (the issue's goal: at least 0.8),
-test accuracy. Appended to ``experiments/RESULTS.md``.
+For each ``--models`` (pretrained CIFAR ResNets on ``../shared`` CIFAR-10): the same DDPG search
+(Tucker-2, or the method of ``--decomposition``, e.g. ``prune``) with ``--flops F`` alone, with
+``--flops F --latency 1`` (the FLOP budget, and no layer left slower than dense where the FLOP
+budget allows) and with ``--latency L`` alone (``--latency-targets``, each a fraction of the dense
+model's measured latency; a target below what the method can reach on this device is reported as
+such, not run). Every compressed model is then timed again here against its dense model in
+interleaved rounds at batch 1 and 64 (lower quartile of ``--rounds`` passes), as the search left it
+and in its fastest inference form (:func:`rlrank.inference.fastest_form`: BatchNorm folded, each
+layer's factor convolutions grouped as measured fastest). One table per model: FLOP speed-up,
+measured speed-ups, their ratio at batch 64 (the issue's goal: at least 0.8), test accuracy.
+Appended to ``experiments/RESULTS.md``.
 
 Run from the repository root::
 
@@ -31,6 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet20"], help="(default: %(default)s)")
     p.add_argument("--flops", type=float, default=0.5, help="FLOP budget (default: %(default)s)")
+    p.add_argument(
+        "--decomposition",
+        default="tucker2",
+        help="method of every search, e.g. prune (default: %(default)s)",
+    )
     p.add_argument(
         "--latency-targets",
         type=float,
@@ -120,10 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             "--episodes", str(args.episodes),
             "--warmup", str(warmup),
             "--final-epochs", str(args.final_epochs),
+            "--decomposition", args.decomposition,
         ]  # fmt: skip
         rows = []
         for suffix, budget in searches(args).items():
-            name = f"{model}-{suffix}-seed{args.seed}"
+            method = "" if args.decomposition == "tucker2" else f"{args.decomposition}-"
+            name = f"{model}-{method}{suffix}-seed{args.seed}"
             try:
                 run = recording.run_search(name, [*base, *budget], args.out)
             except RuntimeError as exc:
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         *session.header(
             f"Latency vs FLOPs ({', '.join(args.models)}, {recording.DATASETS[args.dataset]})", "cpu"
         ),
-        f"- every search: Tucker-2, DDPG, {args.episodes} episodes ({warmup} warm-up), {args.finetune_steps} "
+        f"- every search: {METHOD_NAMES.get(args.decomposition, args.decomposition)}, DDPG, {args.episodes} episodes ({warmup} warm-up), {args.finetune_steps} "
         f"SGD steps per reward, final fine-tune {args.final_epochs:g} epoch(s), seed {args.seed}; latency "
         f"re-timed here in interleaved rounds (lower quartile of {args.rounds} passes); 'fast' = "
         "`rlrank.inference.fastest_form` (BN folded, factor convolutions grouped as measured fastest)",
@@ -147,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     recording.publish("\n".join(lines) + "\n", append=not args.no_append)
     return 0
 
+
+METHOD_NAMES = {"tucker2": "Tucker-2", "prune": "channel pruning", "svd": "SVD", "cp": "CP"}
 
 FORMATS = {
     "FLOP ratio": ".3f",
