@@ -3,9 +3,10 @@
 For each ``--models`` (pretrained CIFAR ResNets on ``../shared`` CIFAR-10): the same DDPG search
 (Tucker-2, or the method of ``--decomposition``, e.g. ``prune``) with ``--flops F`` alone, with
 ``--flops F --latency 1`` (the FLOP budget, and no layer left slower than dense where the FLOP
-budget allows) and with ``--latency L`` alone (``--latency-targets``, each a fraction of the dense
+budget allows; ``--flops-latency`` gives another latency budget beside the FLOP one) and with ``--latency L`` alone (``--latency-targets``, each a fraction of the dense
 model's measured latency; a target below what the method can reach on this device is reported as
-such, not run). Every compressed model is then timed again here against its dense model in
+such, not run); ``--latency-center latency`` centers the latency searches on the strategy that keeps
+the most FLOPs within the latency budget. Every compressed model is then timed again here against its dense model in
 interleaved rounds at batch 1 and 64 (lower quartile of ``--rounds`` passes), as the search left it
 and in its fastest inference form (:func:`rlrank.inference.fastest_form`: BatchNorm folded, each
 layer's factor convolutions grouped as measured fastest). One table per model: FLOP speed-up,
@@ -44,6 +45,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[0.9],
         help="latency budgets of the latency-only searches (default: %(default)s)",
     )
+    p.add_argument(
+        "--flops-latency",
+        type=float,
+        default=1.0,
+        help="latency budget of the search given both budgets (default: %(default)s: no layer slower "
+        "than dense)",
+    )
+    p.add_argument(
+        "--latency-center",
+        default=None,
+        help="--action-center of the searches with a latency budget, e.g. latency (default: the "
+        "search's default)",
+    )
     p.add_argument("--episodes", type=int, default=40, help="(default: %(default)s)")
     p.add_argument("--final-epochs", type=float, default=1.0, help="(default: %(default)s)")
     p.add_argument(
@@ -55,12 +69,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def searches(args: argparse.Namespace) -> dict[str, list[str]]:
     """Run name suffix -> the budget options of that search."""
+    center = ["--action-center", args.latency_center] if args.latency_center else []
+    suffix = f"-center-{args.latency_center}" if args.latency_center else ""
+    both = args.flops_latency
     runs = {
         f"flops{args.flops:g}": ["--flops", str(args.flops)],
-        f"flops{args.flops:g}-latency1": ["--flops", str(args.flops), "--latency", "1.0"],
+        f"flops{args.flops:g}-latency{both:g}{suffix}": [
+            "--flops",
+            str(args.flops),
+            "--latency",
+            str(both),
+            *center,
+        ],
     }
     for target in args.latency_targets:
-        runs[f"latency{target:g}"] = ["--latency", str(target)]
+        runs[f"latency{target:g}{suffix}"] = ["--latency", str(target), *center]
     return runs
 
 

@@ -205,10 +205,11 @@ class SearchConfig:
     action_center: str = option(
         "alds",
         group=BUDGET,
-        choices=("uniform", "energy", "vbmf", "alds"),
+        choices=("uniform", "energy", "vbmf", "alds", "latency"),
         help="with --action-space relative (ignored with absolute): the strategy that action 0 plays, "
         "the uniform one or a rule's, rescaled to the budget left at each step (alds: the best rule "
-        "measured on CIFAR-10)",
+        "measured on CIFAR-10; latency, with --latency: the most FLOPs the measured latency budget "
+        "allows, cutting first the layers whose latency follows their FLOPs)",
     )
     # search
     agent: str = option(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -13,10 +14,10 @@ from gymnasium.utils.env_checker import check_env
 import rlrank.latency_table as latency_module
 from rlrank.describe import describe_layers
 from rlrank.envs import Evaluation, RankSearchEnv
-from rlrank.envs.latency_budget import LatencyBudgetError
+from rlrank.envs.latency_budget import LatencyBudgetError, most_macs_within
 from rlrank.latency_table import LatencyTable, LayerLatency, latency_table
 from rlrank.models import ModelSpec, build_model
-from rlrank.planning import is_compressible
+from rlrank.planning import full_ranks, is_compressible, plan_layer
 from rlrank.runlog import read_rows
 from rlrank.search import main
 
@@ -73,10 +74,65 @@ def test_both_budgets_hold_in_every_random_episode(resnet20_steps):
     assert min(latencies) > 0.45
     # predicted latency is what the table says of the chosen plans
     plans = info["plans"]
+    by_name = {step.name: step for step in steps}
+
+    def built(plan):  # the ratio the plan's rounded ranks are built at
+        full = full_ranks(by_name[plan.name], plan.method)
+        return min(1.0, max(r / f for r, f in zip(plan.ranks, full, strict=True)))
+
     predicted = table.fixed_ms + sum(
-        table.layers[p.name].dense_ms if p.dense else table.layers[p.name].factorized(p.ratio) for p in plans
+        table.layers[p.name].dense_ms if p.dense else table.layers[p.name].factorized(built(p)) for p in plans
     )
     assert info["latency_ratio"] == pytest.approx(predicted / table.model_ms)
+
+
+def test_most_macs_within_is_the_exact_knapsack():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ms = rng.uniform(0.1, 2.0, size=(4, 5))
+        macs = rng.integers(1, 100, size=(4, 5)) * 1000
+        allowed, cap = float(ms.min(axis=1).sum() + rng.uniform(0, 3)), float(rng.integers(100, 300) * 1000)
+        best = -1
+        for combo in itertools.product(range(5), repeat=4):
+            t = sum(ms[i, c] for i, c in enumerate(combo))
+            m = sum(macs[i, c] for i, c in enumerate(combo))
+            if t <= allowed and m <= cap:
+                best = max(best, m)
+        chosen = most_macs_within(ms, macs, allowed, cap, buckets=int(cap // 1000))
+        kept = sum(macs[i, c] for i, c in enumerate(chosen))
+        if best < 0:  # nothing fits: the cheapest choice of every step
+            assert list(chosen) == list(ms.argmin(axis=1))
+        else:
+            assert kept == best and sum(ms[i, c] for i, c in enumerate(chosen)) <= allowed + 1e-9
+
+
+def test_the_latency_center_keeps_the_layers_whose_latency_does_not_follow_their_flops(resnet20_steps):
+    layers, steps = resnet20_steps
+    flat = {step.name for step in steps if step.name.startswith("layer1.")}  # latency barely moves
+    table = synthetic_table(steps)
+    for name in flat:
+        entry = table.layers[name]
+        entry.factorized_ms = [0.9 * entry.dense_ms] * len(entry.ratios)
+    env = RankSearchEnv(layers, evaluator, budget=1.0, latency_table=table, latency_budget=0.7)
+    center = env.latency_center()
+    plans = env.plan(center)
+    latency = env.latency.ratio_of(plans)
+    assert latency <= 0.7 + 1e-9
+    # it keeps more FLOPs than the uniform strategy at the same latency budget
+    env.set_center(None)
+    uniform = env.plan([env.fair_ratio(0, 0.0)] * len(steps))
+    assert env.latency.ratio_of(uniform) <= 0.7 + 1e-9
+    assert env.flops_ratio(plans) > env.flops_ratio(uniform) + 0.05
+    # the flat layers keep the largest ranks that still save MACs (cutting them further saves no
+    # time), while the others are cut
+    kept = {plan.name: plan for plan in plans}
+    assert all(kept[name].ratio > 0.8 for name in flat)
+    assert np.mean([p.ratio for p in plans if p.name not in flat]) < 0.5
+    # the FLOP budget binds too
+    env = RankSearchEnv(layers, evaluator, budget=0.4, latency_table=table, latency_budget=0.7)
+    assert env.flops_ratio(env.plan(env.latency_center())) <= 0.4 + 1e-9
+    with pytest.raises(ValueError, match="latency budget"):
+        RankSearchEnv(layers, evaluator, budget=0.5).latency_center()
 
 
 def test_without_a_latency_budget_nothing_changes(resnet20_steps):
@@ -131,7 +187,12 @@ def test_dense_from_is_where_the_factorized_curve_meets_dense():
 def test_an_unreachable_latency_budget_names_the_smallest(resnet20_steps):
     layers, steps = resnet20_steps
     table = synthetic_table(steps)
-    fastest = table.fixed_ms + sum(0.15 * entry.dense_ms for entry in table.layers.values())  # ratio 0.05
+
+    def built(step):  # ratio 0.05, as the rounded ranks build it (at least rank 1)
+        plan = plan_layer(step, 0.05, "tucker2")
+        return max(r / f for r, f in zip(plan.ranks, full_ranks(step, plan.method), strict=True))
+
+    fastest = table.fixed_ms + sum(table.layers[step.name].factorized(built(step)) for step in steps)
     with pytest.raises(LatencyBudgetError) as info:
         RankSearchEnv(layers, evaluator, budget=0.5, latency_table=table, latency_budget=0.05)
     assert f"smallest reachable latency budget is {fastest / table.model_ms:.4f}" in str(info.value)
@@ -159,10 +220,12 @@ def test_the_table_is_measured_once_then_cached(tmp_path, monkeypatch):
         latency_table(model, steps, "tucker2", (1, 8, 8), 5, torch.device("cpu"), tmp_path, 0.1)
 
 
-def test_a_search_with_a_latency_budget(tmp_path, monkeypatch):
+@pytest.mark.parametrize("center", ["alds", "latency"])
+def test_a_search_with_a_latency_budget(center, tmp_path, monkeypatch):
     monkeypatch.setenv("RLRANK_CACHE", str(tmp_path / "cache"))
     # a latency budget alone (no --flops): whatever this machine's timings, 1.0 is reachable
-    assert main([*FAST, "--latency", "1.0", "--out", str(tmp_path / "runs")]) == 0
+    argv = [*FAST, "--latency", "1.0", "--action-center", center, "--out", str(tmp_path / "runs")]
+    assert main(argv) == 0
     (run,) = (tmp_path / "runs").iterdir()
     rows = read_rows(run / "stage-1" / "episodes.jsonl")
     assert len(rows) == 6
@@ -171,6 +234,11 @@ def test_a_search_with_a_latency_budget(tmp_path, monkeypatch):
     assert config["latency_budget"] == 1.0 and config["flops"] == 1.0
     report = json.loads((run / "report.json").read_text())
     assert report["latency_budget"] == 1.0 and 0 < report["predicted_latency_ratio"] <= 1.0 + 1e-9
+    # the env priced the chosen strategy as the report prices the model built from it
+    best = json.loads((run / "stage-1" / "best_strategy.json").read_text())["episode"]
+    (row,) = [row for row in rows if row["episode"] == best]
+    assert row["latency_ratio"] == pytest.approx(report["predicted_latency_ratio"], abs=1e-9)
+    assert config["action_center"] == center
     assert list((tmp_path / "cache" / "latency").glob("*.json"))
 
 
@@ -181,6 +249,7 @@ def test_a_search_with_a_latency_budget(tmp_path, monkeypatch):
         (["--latency", "0.001", "--flops", "0.5"], "smallest reachable latency budget"),
         (["--latency", "0.5", "--stages", "2"], "one stage"),
         (["--latency", "1.5"], "--latency"),
+        (["--action-center", "latency"], "needs a latency budget"),
     ],
 )
 def test_bad_latency_budgets_are_one_line(argv, fragment, tmp_path, monkeypatch, capsys):
