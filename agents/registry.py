@@ -27,8 +27,7 @@ class AgentContext:
         action_space: The environment's action space.
         ratio_bounds: Per step, the ``[low, high]`` rank-ratio range (absolute actions map onto it).
         budget: The stage's FLOP budget.
-        cost: Ratios (one per step) -> kept FLOP fraction (with a latency budget too: the share of
-            the budgets used, in units of the FLOP budget, :func:`rlrank.envs.latency_budget.budget_used`).
+        cost: Ratios (one per step) -> kept FLOP fraction.
         spectra: Per step, per unfolding, singular values and matrix shape (computed on call).
         min_ratio: The smallest rank ratio.
         seed: Seed of the agent (differs per stage).

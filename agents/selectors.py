@@ -29,8 +29,7 @@ from scipy.optimize import minimize_scalar
 from rlrank.errors import UserError
 
 CostFn = Callable[[np.ndarray], float]
-"""Maps one rank ratio per layer to the fraction of the dense model's FLOPs kept (or, with a latency
-budget as well, the share of both budgets used, in units of the FLOP budget)."""
+"""Maps one rank ratio per layer to the fraction of the dense model's FLOPs kept."""
 
 SELECTORS = ("uniform", "energy", "vbmf", "alds")
 
@@ -222,5 +221,5 @@ def rule_ratios(
         ratios, knob = spectral[rule](spectra(), cost, budget)
     else:
         raise SelectorError(f"unknown rule {rule!r}; known: {', '.join(SELECTORS)}")
-    logger.info("%s selector: knob %.4f uses %.4f of the budget %g", rule, knob, cost(ratios), budget)
+    logger.info("%s selector: knob %.4f keeps %.4f of the FLOPs", rule, knob, cost(ratios))
     return ratios, knob

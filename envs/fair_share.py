@@ -8,12 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rlrank.envs.latency_budget import most_macs_within
-
 FAIR_GRID = 512
 """Ratios at which each layer's MACs are tabulated for the fair ratio (linear in [min_ratio, 1])."""
-LATENCY_CENTER_POINTS = 64
-"""Ratios per step among which :meth:`FairShare.latency_center` chooses (linear in each step's range)."""
 
 
 class FairShare:
@@ -50,29 +46,6 @@ class FairShare:
                 raise ValueError(f"the center needs one positive ratio per step ({len(self.steps)})")
             self._center = center
         self._reserved = self._reserved_macs()
-
-    def latency_center(self) -> np.ndarray:
-        """The strategy that keeps the most FLOPs within the latency budget and the FLOP budget
-        (``--action-center latency``): a knapsack over each step's measured latency curve, so that
-        the layers whose latency follows their FLOPs are cut first and those whose latency hardly
-        moves (thin convolutions on large maps) keep their ranks.
-
-        Raises:
-            ValueError: The environment has no latency budget.
-        """
-        if self.latency is None:
-            raise ValueError("the latency center needs a latency budget")
-        ratios = np.stack(
-            [
-                np.linspace(low, upper, LATENCY_CENTER_POINTS)
-                for low, upper in zip(self._low, self._upper, strict=True)
-            ]
-        )
-        ms = [[self.latency.cost_at(i, float(r)) for r in row] for i, row in enumerate(ratios)]
-        macs = [[self.plan_step(i, float(r)).macs for r in row] for i, row in enumerate(ratios)]
-        allowed = self.budget * self.dense_macs - self.fixed_macs
-        chosen = most_macs_within(np.asarray(ms), np.asarray(macs), self.latency.allowed_ms, allowed)
-        return ratios[np.arange(len(ratios)), chosen]
 
     def fair_ratio(self, index: int, spent: float, spent_ms: float = 0.0, family: str | None = None) -> float:
         """The ratio of step ``index`` in the strategy that spends exactly the budget left: the

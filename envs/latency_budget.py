@@ -154,60 +154,6 @@ def built_ratio(layer: LayerInfo, plan: LayerPlan) -> float:
     return min(1.0, max(r / f for r, f in zip(plan.ranks, full, strict=True)))
 
 
-def most_macs_within(
-    ms: np.ndarray, macs: np.ndarray, allowed_ms: float, max_macs: float, buckets: int = 2048
-) -> np.ndarray:
-    """One choice per step (row) that keeps the most MACs with at most ``allowed_ms`` milliseconds
-    and ``max_macs`` MACs in all: a knapsack solved exactly over MACs counted in ``buckets`` units
-    (rounded up, so the MAC cap holds), the fewest milliseconds per MAC total.
-
-    Args:
-        ms: ``(steps, choices)`` milliseconds of each step at each choice.
-        macs: ``(steps, choices)`` MACs of each step at each choice.
-        allowed_ms: The milliseconds the steps may take together.
-        max_macs: The MACs the steps may keep together.
-        buckets: MAC units of the knapsack.
-
-    Returns:
-        Per step, the index of its choice (every step's cheapest one when nothing fits).
-    """
-    unit = max(float(max_macs), 1.0) / buckets
-    cost = np.ceil(np.asarray(macs, dtype=np.float64) / unit - 1e-9).astype(np.int64)
-    ms = np.asarray(ms, dtype=np.float64)
-    fewest = np.full(buckets + 1, np.inf)  # fewest ms of the steps so far at each MAC total
-    fewest[0] = 0.0
-    picks = np.zeros((len(ms), buckets + 1), dtype=np.int64)
-    for step in range(len(ms)):
-        best = np.full(buckets + 1, np.inf)
-        for choice, (c, t) in enumerate(zip(cost[step], ms[step], strict=True)):
-            if c > buckets:
-                continue
-            candidate = np.full(buckets + 1, np.inf)
-            candidate[c:] = fewest[: buckets + 1 - c] + t
-            better = candidate < best
-            best[better] = candidate[better]
-            picks[step, better] = choice
-        fewest = best
-    feasible = np.flatnonzero(fewest <= allowed_ms + 1e-9)
-    if len(feasible) == 0:
-        return np.asarray([int(np.argmin(row)) for row in ms])
-    total = int(feasible[-1])
-    chosen = np.zeros(len(ms), dtype=np.int64)
-    for step in range(len(ms) - 1, -1, -1):
-        chosen[step] = picks[step, total]
-        total -= int(cost[step, chosen[step]])
-    return chosen
-
-
-def budget_used(flops_ratio: float, flop_budget: float, latency_ratio: float, latency_budget: float) -> float:
-    """How much of two budgets a strategy uses, in units of the FLOP budget: its kept FLOP fraction,
-    or its predicted latency fraction rescaled to the FLOP budget when that is the larger share, so
-    that ``budget_used(...) <= flop_budget`` exactly when the strategy fits both. The rank rules
-    turn their knob against it, so that a rule's strategy (and a center) meets the latency budget by
-    its own allocation rather than by a common scale-down applied afterwards."""
-    return max(flops_ratio, latency_ratio * flop_budget / latency_budget)
-
-
 def fallback_ratios(
     table: LatencyTable,
     steps: Sequence[LayerInfo],

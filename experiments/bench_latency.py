@@ -3,15 +3,15 @@
 For each ``--models`` (pretrained CIFAR ResNets on ``../shared`` CIFAR-10): the same DDPG search
 (Tucker-2, or the method of ``--decomposition``, e.g. ``prune``) with ``--flops F`` alone, with
 ``--flops F --latency 1`` (the FLOP budget, and no layer left slower than dense where the FLOP
-budget allows; ``--flops-latency`` gives another latency budget beside the FLOP one) and with ``--latency L`` alone (``--latency-targets``, each a fraction of the dense
-model's measured latency; a target below what the method can reach on this device is reported as
-such, not run); ``--latency-center latency`` centers the latency searches on the strategy that keeps
-the most FLOPs within the latency budget. Every compressed model is then timed again here against its dense model in
-interleaved rounds at batch 1 and 64 (lower quartile of ``--rounds`` passes), as the search left it
-and in its fastest inference form (:func:`rlrank.inference.fastest_form`: BatchNorm folded, each
-layer's factor convolutions grouped as measured fastest). One table per model: FLOP speed-up,
-measured speed-ups, their ratio at batch 64 (the issue's goal: at least 0.8), test accuracy.
-Appended to ``experiments/RESULTS.md``.
+budget allows; ``--flops-latency`` gives another latency budget beside the FLOP one) and with
+``--latency L`` alone (``--latency-targets``, each a fraction of the dense model's measured latency;
+a target below what the method can reach on this device is reported as such, not run);
+``--latency-center`` gives the searches with a latency budget another ``--action-center``. Every
+compressed model is then timed again here against its dense model in interleaved rounds at batch 1
+and 64 (lower quartile of ``--rounds`` passes), as the search left it and in its fastest inference
+form (:func:`rlrank.inference.fastest_form`: BatchNorm folded, each layer's factor convolutions
+grouped as measured fastest). One table per model: FLOP speed-up, measured speed-ups, their ratio at
+batch 64 (the issue's goal: at least 0.8), test accuracy. Appended to ``experiments/RESULTS.md``.
 
 Run from the repository root::
 
@@ -55,8 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--latency-center",
         default=None,
-        help="--action-center of the searches with a latency budget, e.g. latency (default: the "
-        "search's default)",
+        help="--action-center of the searches with a latency budget (default: the search's default)",
     )
     p.add_argument("--episodes", type=int, default=40, help="(default: %(default)s)")
     p.add_argument("--final-epochs", type=float, default=1.0, help="(default: %(default)s)")

@@ -205,11 +205,10 @@ class SearchConfig:
     action_center: str = option(
         "alds",
         group=BUDGET,
-        choices=("uniform", "energy", "vbmf", "alds", "latency"),
+        choices=("uniform", "energy", "vbmf", "alds"),
         help="with --action-space relative (ignored with absolute): the strategy that action 0 plays, "
         "the uniform one or a rule's, rescaled to the budget left at each step (alds: the best rule "
-        "measured on CIFAR-10; latency, with --latency: the most FLOPs the measured latency budget "
-        "allows, cutting first the layers whose latency follows their FLOPs)",
+        "measured on CIFAR-10)",
     )
     # search
     agent: str = option(

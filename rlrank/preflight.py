@@ -68,8 +68,6 @@ def validate(config: SearchConfig) -> None:
         fraction("--latency", config.latency_budget)
         if config.stages > 1:
             raise ConfigError("--latency works with one stage (--stages 1) for now")
-    if config.center() == "latency" and config.latency_budget is None:
-        raise ConfigError("--action-center latency needs a latency budget (--latency F)")
     fraction("--min-ratio", config.min_ratio)
     sparse = config.sparse
     if isinstance(sparse, bool) or not isinstance(sparse, (int, float)) or not 0 <= sparse < MAX_SPARSE:

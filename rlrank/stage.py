@@ -29,7 +29,6 @@ from rlrank.config import SearchConfig
 from rlrank.data import DataSplits
 from rlrank.describe import describe_layers
 from rlrank.envs import OBSERVATION_FEATURES, MixedSearchEnv, RankSearchEnv
-from rlrank.envs.latency_budget import budget_used
 from rlrank.errors import SearchError
 from rlrank.evaluator_pool import EvaluatorPool, open_pool
 from rlrank.factor_cache import FactorCache, input_grams, output_covariances
@@ -127,9 +126,7 @@ def run_stage(
         latency_budget=config.latency_budget,
         sparse=config.sparse,
     )
-    if config.center() == "latency" and not spec.plays_absolute_ratios:
-        env.set_center(env.latency_center())
-    elif config.center() != "uniform" and not spec.plays_absolute_ratios:
+    if config.center() != "uniform" and not spec.plays_absolute_ratios:
         env.set_center(rule_strategy(config.center(), env, cache, config.min_ratio))
     agent = make_agent(config.agent, _agent_context(config, env, cache, k))
     pool = open_pool(config, model, cache, data, reward_config)
@@ -257,17 +254,10 @@ def _mean(errors: dict[str, float] | None) -> float | None:
 def _cost_and_spectra(
     env: RankSearchEnv, cache: FactorCache
 ) -> tuple[Callable[[np.ndarray], float], Callable[[], Spectra]]:
-    """What the rank rules see of a stage: ratios -> the budget they use, in units of the FLOP
-    budget (the kept FLOP fraction, or with a latency budget too :func:`budget_used`), and the steps'
-    spectra."""
+    """What the rank rules see of a stage: ratios -> kept FLOP fraction, and the steps' spectra."""
 
     def cost(ratios: np.ndarray) -> float:
-        plans = env.plan(ratios)
-        if env.latency is None:
-            return env.flops_ratio(plans)
-        return budget_used(
-            env.flops_ratio(plans), env.budget, env.latency.ratio_of(plans), env.latency.budget
-        )
+        return env.flops_ratio(env.plan(ratios))
 
     def spectra() -> Spectra:
         return [[(s.values, s.shape) for s in cache.spectra(layer.name)] for layer in env.steps]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from gymnasium.utils.env_checker import check_env
 import rlrank.latency_table as latency_module
 from rlrank.describe import describe_layers
 from rlrank.envs import Evaluation, RankSearchEnv
-from rlrank.envs.latency_budget import LatencyBudgetError, most_macs_within
+from rlrank.envs.latency_budget import LatencyBudgetError
 from rlrank.latency_table import LatencyTable, LayerLatency, latency_table
 from rlrank.models import ModelSpec, build_model
 from rlrank.planning import full_ranks, is_compressible, plan_layer
@@ -84,55 +83,6 @@ def test_both_budgets_hold_in_every_random_episode(resnet20_steps):
         table.layers[p.name].dense_ms if p.dense else table.layers[p.name].factorized(built(p)) for p in plans
     )
     assert info["latency_ratio"] == pytest.approx(predicted / table.model_ms)
-
-
-def test_most_macs_within_is_the_exact_knapsack():
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        ms = rng.uniform(0.1, 2.0, size=(4, 5))
-        macs = rng.integers(1, 100, size=(4, 5)) * 1000
-        allowed, cap = float(ms.min(axis=1).sum() + rng.uniform(0, 3)), float(rng.integers(100, 300) * 1000)
-        best = -1
-        for combo in itertools.product(range(5), repeat=4):
-            t = sum(ms[i, c] for i, c in enumerate(combo))
-            m = sum(macs[i, c] for i, c in enumerate(combo))
-            if t <= allowed and m <= cap:
-                best = max(best, m)
-        chosen = most_macs_within(ms, macs, allowed, cap, buckets=int(cap // 1000))
-        kept = sum(macs[i, c] for i, c in enumerate(chosen))
-        if best < 0:  # nothing fits: the cheapest choice of every step
-            assert list(chosen) == list(ms.argmin(axis=1))
-        else:
-            assert kept == best and sum(ms[i, c] for i, c in enumerate(chosen)) <= allowed + 1e-9
-
-
-def test_the_latency_center_keeps_the_layers_whose_latency_does_not_follow_their_flops(resnet20_steps):
-    layers, steps = resnet20_steps
-    flat = {step.name for step in steps if step.name.startswith("layer1.")}  # latency barely moves
-    table = synthetic_table(steps)
-    for name in flat:
-        entry = table.layers[name]
-        entry.factorized_ms = [0.9 * entry.dense_ms] * len(entry.ratios)
-    env = RankSearchEnv(layers, evaluator, budget=1.0, latency_table=table, latency_budget=0.7)
-    center = env.latency_center()
-    plans = env.plan(center)
-    latency = env.latency.ratio_of(plans)
-    assert latency <= 0.7 + 1e-9
-    # it keeps more FLOPs than the uniform strategy at the same latency budget
-    env.set_center(None)
-    uniform = env.plan([env.fair_ratio(0, 0.0)] * len(steps))
-    assert env.latency.ratio_of(uniform) <= 0.7 + 1e-9
-    assert env.flops_ratio(plans) > env.flops_ratio(uniform) + 0.05
-    # the flat layers keep the largest ranks that still save MACs (cutting them further saves no
-    # time), while the others are cut
-    kept = {plan.name: plan for plan in plans}
-    assert all(kept[name].ratio > 0.8 for name in flat)
-    assert np.mean([p.ratio for p in plans if p.name not in flat]) < 0.5
-    # the FLOP budget binds too
-    env = RankSearchEnv(layers, evaluator, budget=0.4, latency_table=table, latency_budget=0.7)
-    assert env.flops_ratio(env.plan(env.latency_center())) <= 0.4 + 1e-9
-    with pytest.raises(ValueError, match="latency budget"):
-        RankSearchEnv(layers, evaluator, budget=0.5).latency_center()
 
 
 def test_without_a_latency_budget_nothing_changes(resnet20_steps):
@@ -220,12 +170,10 @@ def test_the_table_is_measured_once_then_cached(tmp_path, monkeypatch):
         latency_table(model, steps, "tucker2", (1, 8, 8), 5, torch.device("cpu"), tmp_path, 0.1)
 
 
-@pytest.mark.parametrize("center", ["alds", "latency"])
-def test_a_search_with_a_latency_budget(center, tmp_path, monkeypatch):
+def test_a_search_with_a_latency_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("RLRANK_CACHE", str(tmp_path / "cache"))
     # a latency budget alone (no --flops): whatever this machine's timings, 1.0 is reachable
-    argv = [*FAST, "--latency", "1.0", "--action-center", center, "--out", str(tmp_path / "runs")]
-    assert main(argv) == 0
+    assert main([*FAST, "--latency", "1.0", "--out", str(tmp_path / "runs")]) == 0
     (run,) = (tmp_path / "runs").iterdir()
     rows = read_rows(run / "stage-1" / "episodes.jsonl")
     assert len(rows) == 6
@@ -238,7 +186,6 @@ def test_a_search_with_a_latency_budget(center, tmp_path, monkeypatch):
     best = json.loads((run / "stage-1" / "best_strategy.json").read_text())["episode"]
     (row,) = [row for row in rows if row["episode"] == best]
     assert row["latency_ratio"] == pytest.approx(report["predicted_latency_ratio"], abs=1e-9)
-    assert config["action_center"] == center
     assert list((tmp_path / "cache" / "latency").glob("*.json"))
 
 
@@ -249,7 +196,6 @@ def test_a_search_with_a_latency_budget(center, tmp_path, monkeypatch):
         (["--latency", "0.001", "--flops", "0.5"], "smallest reachable latency budget"),
         (["--latency", "0.5", "--stages", "2"], "one stage"),
         (["--latency", "1.5"], "--latency"),
-        (["--action-center", "latency"], "needs a latency budget"),
     ],
 )
 def test_bad_latency_budgets_are_one_line(argv, fragment, tmp_path, monkeypatch, capsys):
