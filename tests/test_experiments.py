@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import itertools
 import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -550,6 +552,57 @@ def test_bench_latency(
     measured = table[table["note"].isna() | (table["note"] == "")]
     assert {"--flops 0.5", "--latency 1.0"} <= set(measured["search"])  # always reachable
     assert all(float(x) > 0 for x in measured["b64 speed-up fast"])
+
+
+def test_bench_latency_with_pruning(
+    script: Callable[[str], ModuleType], tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--dataset", "digits", "--models", "tiny", "--episodes", "2", "--final-epochs", "0"]
+    argv += [*TINY_SEARCH, "--decomposition", "prune", "--flops-latency", "1.0", "--latency-targets", "1.0"]
+    argv += ["--latency-center", "uniform", "--rounds", "2", "--out", str(tmp_path), "--no-append"]
+    assert script("bench_latency").main(argv) == 0
+    section = _section(capsys.readouterr().out, "Latency vs FLOPs (tiny, digits)")
+    assert "every search: channel pruning, DDPG" in section
+    (table,) = _tables(section)
+    assert table["search"].tolist() == [
+        "--flops 0.5",
+        "--flops 0.5 --latency 1.0 --action-center uniform",
+        "--latency 1.0 --action-center uniform",
+    ]
+    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == {
+        "tiny-prune-flops0.5-seed0",
+        "tiny-prune-flops0.5-latency1-center-uniform-seed0",
+        "tiny-prune-latency1-center-uniform-seed0",
+    }
+
+
+def test_latency_bound_knapsack_is_exact(script: Callable[[str], ModuleType]) -> None:
+    fewest_ms = script("bench_latency_bound").fewest_ms
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        ms = rng.uniform(0.1, 2.0, size=(3, 4))
+        macs = rng.integers(0, 20, size=(3, 4)) * 10
+        got = fewest_ms(ms, macs, max_macs=600, buckets=60)  # exact: every MAC count is a multiple of 10
+        want = np.full(61, np.inf)
+        for combo in itertools.product(range(4), repeat=3):
+            total = sum(macs[i, c] for i, c in enumerate(combo)) // 10
+            want[total] = min(want[total], sum(ms[i, c] for i, c in enumerate(combo)))
+        np.testing.assert_allclose(got, want)
+
+
+def test_bench_latency_bound(
+    script: Callable[[str], ModuleType], tmp_path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RLRANK_CACHE", str(tmp_path / "cache"))
+    argv = ["--dataset", "digits", "--models", "tiny", "--points", "6", "--flop-ratios", "0.6", "1.0"]
+    assert script("bench_latency_bound").main([*argv, "--no-append"]) == 0
+    section = _section(capsys.readouterr().out, "The best latency per FLOP any strategy reaches (tiny)")
+    (table,) = _tables(section)
+    assert table["method"].tolist() == ["tucker2", "tucker2", "prune", "prune"]
+    full = table[table["FLOP ratio"] == "1.00"]
+    assert all(float(x) <= 1.0 + 1e-9 for x in full["fastest latency there"])  # dense is a strategy
+    assert all(float(x) <= 0.6 + 1e-9 for x in table[table["FLOP ratio"] == "0.60"]["at FLOP ratio"])
+    assert list((tmp_path / "cache" / "latency").glob("*.json"))  # the tables a search would reuse
 
 
 def test_bench_workers(
