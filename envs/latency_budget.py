@@ -23,7 +23,7 @@ from rlrank.layers import LayerInfo
 from rlrank.planning import LayerPlan, full_ranks, plan_layer
 
 if TYPE_CHECKING:
-    from rlrank.latency_table import LatencyTable
+    from rlrank.latency_table import LatencyTable, LayerLatency
 
 GRID = 512
 """Ratios at which each layer's latency is tabulated for the fair ratio (linear in [min_ratio, 1])."""
@@ -67,7 +67,6 @@ class LatencyBudget:
         self.steps = list(steps)
         self.layers = [table.layers[step.name] for step in steps]
         self.budget = float(budget)
-        self.dense_from = [layer.dense_from() for layer in self.layers]
         self.allowed_ms = self.budget * table.model_ms - table.fixed_ms
         self._low, self._upper, self._plan = list(low), list(upper), plan
         self._min_ms = [self.cost_at(i, r) for i, r in enumerate(self._low)]
@@ -154,6 +153,29 @@ def built_ratio(layer: LayerInfo, plan: LayerPlan) -> float:
     return min(1.0, max(r / f for r, f in zip(plan.ranks, full, strict=True)))
 
 
+def played_dense_from(
+    layer: LayerInfo, latency: LayerLatency, low: float, decomposition: str
+) -> float | None:
+    """The smallest ratio played from which ``layer``'s factorized form, priced at the ratio its
+    rounded ranks are built at (:func:`built_ratio`), is no faster than the layer as it is; ``None``
+    when it is faster at every ratio. (:meth:`~rlrank.latency_table.LayerLatency.dense_from` reads
+    the same off the table's curve, where rounding would let a low ratio be priced above dense.)"""
+
+    def slower(ratio: float) -> bool:
+        plan = plan_layer(layer, ratio, decomposition, allow_dense=False)
+        return latency.factorized(built_ratio(layer, plan)) >= latency.dense_ms
+
+    if slower(low):
+        return low
+    if not slower(1.0):
+        return None
+    lo, hi = low, 1.0
+    for _ in range(30):  # built ratio and latency are non-decreasing in the ratio played
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if slower(mid) else (mid, hi)
+    return hi
+
+
 def fallback_ratios(
     table: LatencyTable,
     steps: Sequence[LayerInfo],
@@ -164,7 +186,10 @@ def fallback_ratios(
     """Per step, the ratio from which the layer stays dense because its factorized form is no faster
     (``None``: never); dropped, for the layers whose staying dense costs the most MACs first, until
     the steps at their lowest ratios fit ``max_macs`` (the FLOP budget left for them)."""
-    dense_from = [table.layers[step.name].dense_from() for step in steps]
+    dense_from = [
+        played_dense_from(step, table.layers[step.name], low, decomposition)
+        for step, low in zip(steps, lows, strict=True)
+    ]
     lowest = [plan_layer(step, low, decomposition).macs for step, low in zip(steps, lows, strict=True)]
     dense = [plan_layer(step, 1.0, decomposition).macs for step in steps]  # pruning: with its producer
     order = sorted(range(len(steps)), key=lambda i: lowest[i] - dense[i])

@@ -63,19 +63,6 @@ class LayerLatency:
         """Milliseconds of the factorized form at ``ratio`` (linear between grid points)."""
         return float(np.interp(ratio, self.ratios, self.factorized_ms))
 
-    def dense_from(self) -> float | None:
-        """The smallest ratio whose factorized form is no faster than the layer as it is (the layer
-        then stays as it is), or ``None`` when the factorized form is faster at every ratio."""
-        ms = np.asarray(self.factorized_ms)
-        above = np.nonzero(ms >= self.dense_ms)[0]
-        if len(above) == 0:
-            return None
-        j = int(above[0])
-        if j == 0:
-            return self.ratios[0]
-        r0, r1, m0, m1 = self.ratios[j - 1], self.ratios[j], ms[j - 1], ms[j]
-        return float(r0 + (r1 - r0) * (self.dense_ms - m0) / max(m1 - m0, 1e-12))
-
 
 @dataclass
 class LatencyTable:
@@ -84,7 +71,9 @@ class LatencyTable:
     Attributes:
         device: The device measured (``cpu``, ``cuda``).
         batch: The batch size measured.
-        model_ms: The whole model's measured latency.
+        model_ms: The whole model's measured latency, or the sum of its searched layers' (plus
+            ``fixed_ms``) when that is larger (timing noise, on a model made almost only of its
+            searched layers), so that the dense strategy predicts exactly the dense latency.
         fixed_ms: What the model costs beyond its searched layers (``model_ms`` minus their sum, at
             least 0).
         layers: One :class:`LayerLatency` per searched layer, by name.
@@ -98,6 +87,11 @@ class LatencyTable:
     fixed_ms: float
     layers: dict[str, LayerLatency]
     channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        self.model_ms = max(
+            self.model_ms, self.fixed_ms + sum(entry.dense_ms for entry in self.layers.values())
+        )
 
     def to_dict(self) -> dict:
         return {"format": TABLE_FORMAT, **asdict(self)}

@@ -13,7 +13,7 @@ from gymnasium.utils.env_checker import check_env
 import rlrank.latency_table as latency_module
 from rlrank.describe import describe_layers
 from rlrank.envs import Evaluation, RankSearchEnv
-from rlrank.envs.latency_budget import LatencyBudgetError
+from rlrank.envs.latency_budget import LatencyBudgetError, played_dense_from
 from rlrank.latency_table import LatencyTable, LayerLatency, latency_table
 from rlrank.models import ModelSpec, build_model
 from rlrank.planning import full_ranks, is_compressible, plan_layer
@@ -99,7 +99,7 @@ def test_a_layer_that_factorizes_slower_stays_dense(resnet20_steps):
     layers, steps = resnet20_steps
     slow = steps[3].name
     table = synthetic_table(steps, slow={slow})
-    assert table.layers[slow].dense_from() == pytest.approx(0.05)
+    assert played_dense_from(steps[3], table.layers[slow], 0.05, "tucker2") == pytest.approx(0.05)
     env = RankSearchEnv(layers, evaluator, budget=0.9, latency_table=table, latency_budget=0.95)
     rng = np.random.default_rng(1)
     for _ in range(30):
@@ -127,11 +127,33 @@ def test_the_flop_budget_overrides_the_dense_fallback(resnet20_steps):
         RankSearchEnv(layers, evaluator, budget=0.5, latency_table=table, latency_budget=1.0)
 
 
-def test_dense_from_is_where_the_factorized_curve_meets_dense():
-    entry = LayerLatency("x", 1.0, [0.1, 0.5, 1.0], [0.2, 0.6, 1.4])
-    assert entry.dense_from() == pytest.approx(0.5 + 0.5 * (1.0 - 0.6) / (1.4 - 0.6))
-    assert LayerLatency("y", 1.0, [0.1, 1.0], [0.2, 0.9]).dense_from() is None
-    assert entry.factorized(0.3) == pytest.approx(0.4)
+def test_dense_from_is_where_the_built_form_meets_dense(resnet20_steps):
+    _, steps = resnet20_steps
+    layer = next(step for step in steps if step.name == "layer1.0.conv1")  # 16 -> 16: ranks of 16
+    entry = LayerLatency(layer.name, 1.0, [0.05, 0.5, 1.0], [0.2, 0.6, 1.4])
+    assert entry.factorized(0.3) == pytest.approx(0.2 + 0.4 * 0.25 / 0.45)  # linear between grid points
+    # the curve meets dense at 0.75; ratios are played continuously, ranks come in sixteenths
+    found = played_dense_from(layer, entry, 0.05, "tucker2")
+    ranks = plan_layer(layer, found, "tucker2", allow_dense=False).ranks
+    assert max(ranks) / 16 >= 0.75 and max(plan_layer(layer, found - 1e-6, "tucker2").ranks) / 16 < 0.75
+    assert played_dense_from(layer, LayerLatency("y", 1.0, [0.05, 1.0], [0.2, 0.9]), 0.05, "tucker2") is None
+    # below dense at the played 0.05 but not at rank 1 (1/16 = 0.0625): dense from the start
+    steep = LayerLatency("z", 1.0, [0.05, 0.06, 1.0], [0.9, 1.0, 2.0])
+    assert played_dense_from(layer, steep, 0.05, "tucker2") == pytest.approx(0.05)
+
+
+def test_rounded_ranks_never_price_a_layer_above_dense_at_its_lowest_ratio(resnet20_steps):
+    layers, steps = resnet20_steps
+    grid = [0.05, 0.06, 1.0]  # faster than dense only below the smallest rank any layer can have
+    table = synthetic_table(steps)
+    for step in steps:
+        dense = table.layers[step.name].dense_ms
+        table.layers[step.name] = LayerLatency(step.name, dense, grid, [0.9 * dense, 1.0 * dense, 2 * dense])
+    table.model_ms = table.fixed_ms + sum(entry.dense_ms for entry in table.layers.values())
+    env = RankSearchEnv(layers, evaluator, budget=1.0, latency_table=table, latency_budget=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        assert random_episode(env, rng)["latency_ratio"] <= 1.0 + 1e-9
 
 
 def test_an_unreachable_latency_budget_names_the_smallest(resnet20_steps):
@@ -205,3 +227,16 @@ def test_bad_latency_budgets_are_one_line(argv, fragment, tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert fragment in err[-1] and not any("Traceback" in line for line in err)
     assert not out.exists() or not list(Path(out).iterdir())
+
+
+def test_the_dense_strategy_predicts_exactly_the_dense_latency():
+    # layers timed one by one can sum to more than the whole model (noise on a tiny model)
+    layers = {
+        "a": LayerLatency("a", 0.6, [0.05, 1.0], [0.1, 0.7]),
+        "b": LayerLatency("b", 0.5, [0.05, 1.0], [0.1, 0.6]),
+    }
+    table = LatencyTable("cpu", 8, model_ms=1.0, fixed_ms=0.0, layers=layers)
+    assert table.model_ms == pytest.approx(1.1)
+    assert LatencyTable.from_dict(table.to_dict()).model_ms == pytest.approx(1.1)
+    kept = LatencyTable("cpu", 8, model_ms=2.0, fixed_ms=0.9, layers=layers)
+    assert kept.model_ms == pytest.approx(2.0)
