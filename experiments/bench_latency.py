@@ -41,9 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--latency-targets",
         type=float,
-        nargs="+",
+        nargs="*",
         default=[0.9],
-        help="latency budgets of the latency-only searches (default: %(default)s)",
+        help="latency budgets of the latency-only searches (default: %(default)s; none: no such search)",
     )
     p.add_argument(
         "--flops-latency",
