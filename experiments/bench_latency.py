@@ -7,11 +7,12 @@ budget allows; ``--flops-latency`` gives another latency budget beside the FLOP 
 ``--latency L`` alone (``--latency-targets``, each a fraction of the dense model's measured latency;
 a target below what the method can reach on this device is reported as such, not run);
 ``--latency-center`` gives the searches with a latency budget another ``--action-center``. Every
-compressed model is then timed again here against its dense model in interleaved rounds at batch 1
-and 64 (lower quartile of ``--rounds`` passes), as the search left it and in its fastest inference
-form (:func:`rlrank.inference.fastest_form`: BatchNorm folded, each layer's factor convolutions
-grouped as measured fastest). One table per model: FLOP speed-up, measured speed-ups, their ratio at
-batch 64 (the issue's goal: at least 0.8), test accuracy. Appended to ``experiments/RESULTS.md``.
+compressed model is then timed again here, with the dense model and the other rows' models in the
+same interleaved rounds (one dense baseline for all rows), at batch 1 and 64 (lower quartile of
+``--rounds`` passes), as the search left it and in its fastest inference form
+(:func:`rlrank.inference.fastest_form`: BatchNorm folded, each layer's factor convolutions grouped
+as measured fastest). One table per model: FLOP speed-up, measured speed-ups, their ratio at batch
+64 (the issue's goal: at least 0.8), test accuracy. Appended to ``experiments/RESULTS.md``.
 
 Run from the repository root::
 
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--episodes", type=int, default=40, help="(default: %(default)s)")
     p.add_argument("--final-epochs", type=float, default=1.0, help="(default: %(default)s)")
     p.add_argument(
-        "--rounds", type=int, default=30, help="timed passes per model and batch (default: %(default)s)"
+        "--rounds", type=int, default=60, help="timed passes per model and batch (default: %(default)s)"
     )
     recording.add_cifar_options(p, out="bench-runs/latency")
     return p.parse_args(argv)
@@ -86,32 +87,36 @@ def searches(args: argparse.Namespace) -> dict[str, list[str]]:
     return runs
 
 
-def time_models(run: recording.SearchRun, rounds: int) -> dict[str, float]:
-    """Dense and compressed latency (ms) at batch 1 and 64, raw and in the fastest inference form."""
+def time_models(runs: list[recording.SearchRun], rounds: int) -> list[dict[str, float]]:
+    """Per run, dense and compressed latency (ms) at batch 1 and 64, raw and in the fastest inference
+    form: the dense model and every run's model timed in the same interleaved rounds, so that every
+    row shares one dense baseline and a slow spell of the machine lands on all of them alike."""
     import torch
 
     import rlrank
     from rlrank.inference import fastest_form
     from rlrank.timing import time_interleaved
 
-    dense = _dense_of(run)
-    compressed = rlrank.load(run.run_dir / "model.pt")
-    shape = _input_shape(run)
-    out: dict[str, float] = {}
+    dense = _dense_of(runs[0])  # every run of one model starts from the same dense model
+    shape = _input_shape(runs[0])
+    compressed = [rlrank.load(run.run_dir / "model.pt") for run in runs]
+    out: list[dict[str, float]] = [{} for _ in runs]
+    n = len(runs)
     with torch.no_grad():
         for batch in (1, 64):
             x = torch.randn((batch, *shape))
             fast_dense = fastest_form(dense, shape, batch)
-            fast_compressed = fastest_form(compressed, shape, batch)
-            times = time_interleaved([dense, compressed, fast_dense, fast_compressed], x, rounds)
-            out.update(
-                {
-                    f"b{batch} dense": times[0],
-                    f"b{batch} compressed": times[1],
-                    f"b{batch} dense fast": times[2],
-                    f"b{batch} compressed fast": times[3],
-                }
-            )
+            fast = [fastest_form(model, shape, batch) for model in compressed]
+            times = time_interleaved([dense, fast_dense, *compressed, *fast], x, rounds)
+            for i in range(n):
+                out[i].update(
+                    {
+                        f"b{batch} dense": times[0],
+                        f"b{batch} dense fast": times[1],
+                        f"b{batch} compressed": times[2 + i],
+                        f"b{batch} compressed fast": times[2 + n + i],
+                    }
+                )
     return out
 
 
@@ -150,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             "--final-epochs", str(args.final_epochs),
             "--decomposition", args.decomposition,
         ]  # fmt: skip
-        rows = []
+        rows: list[dict | None] = []
+        done: list[tuple[int, recording.SearchRun, list[str]]] = []
         for suffix, budget in searches(args).items():
             method = "" if args.decomposition == "tucker2" else f"{args.decomposition}-"
             name = f"{model}-{method}{suffix}-seed{args.seed}"
@@ -161,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
                 reason = log.read_text().strip().splitlines()[-1] if log.is_file() else str(exc)
                 rows.append({"search": " ".join(budget), "note": reason[-160:]})
                 continue
-            rows.append(row_of(run, budget, time_models(run, args.rounds)))
+            done.append((len(rows), run, budget))
+            rows.append(None)
+        if done:  # every finished run's model timed together, against one dense baseline
+            timed = time_models([run for _, run, _ in done], args.rounds)
+            for (index, run, budget), times in zip(done, timed, strict=True):
+                rows[index] = row_of(run, budget, times)
         sections.append((model, pd.DataFrame(rows)))
     lines = [
         *session.header(
@@ -169,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         f"- every search: {METHOD_NAMES.get(args.decomposition, args.decomposition)}, DDPG, {args.episodes} episodes ({warmup} warm-up), {args.finetune_steps} "
         f"SGD steps per reward, final fine-tune {args.final_epochs:g} epoch(s), seed {args.seed}; latency "
-        f"re-timed here in interleaved rounds (lower quartile of {args.rounds} passes); 'fast' = "
+        f"re-timed here, the dense model and every row's model in the same interleaved rounds (lower "
+        f"quartile of {args.rounds} passes: one dense baseline for all rows); 'fast' = "
         "`rlrank.inference.fastest_form` (BN folded, factor convolutions grouped as measured fastest)",
     ]
     for model, frame in sections:
