@@ -9,7 +9,8 @@ a target below what the method can reach on this device is reported as such, not
 ``--latency-center`` gives the searches with a latency budget another ``--action-center``. Every
 compressed model is then timed again here, with the dense model and the other rows' models in the
 same interleaved rounds (one dense baseline for all rows), at batch 1 and 64 (lower quartile of
-``--rounds`` passes), as the search left it and in its fastest inference form
+``--rounds`` passes; all of it ``--timings`` times, medians reported with the range of the batch-64
+ratio), as the search left it and in its fastest inference form
 (:func:`rlrank.inference.fastest_form`: BatchNorm folded, each layer's factor convolutions grouped
 as measured fastest). One table per model: FLOP speed-up, measured speed-ups, their ratio at batch
 64 (the issue's goal: at least 0.8), test accuracy. Appended to ``experiments/RESULTS.md``.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import recording
 
@@ -58,6 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="--action-center of the searches with a latency budget (default: the search's default)",
     )
+    p.add_argument(
+        "--timings",
+        type=int,
+        default=3,
+        help="times the models are all timed again; figures are medians (default: %(default)s)",
+    )
     p.add_argument("--episodes", type=int, default=40, help="(default: %(default)s)")
     p.add_argument("--final-epochs", type=float, default=1.0, help="(default: %(default)s)")
     p.add_argument(
@@ -87,10 +95,12 @@ def searches(args: argparse.Namespace) -> dict[str, list[str]]:
     return runs
 
 
-def time_models(runs: list[recording.SearchRun], rounds: int) -> list[dict[str, float]]:
+def time_models(runs: list[recording.SearchRun], rounds: int, timings: int = 1) -> list[dict]:
     """Per run, dense and compressed latency (ms) at batch 1 and 64, raw and in the fastest inference
     form: the dense model and every run's model timed in the same interleaved rounds, so that every
-    row shares one dense baseline and a slow spell of the machine lands on all of them alike."""
+    row shares one dense baseline and a slow spell of the machine lands on all of them alike. The
+    whole timing is done ``timings`` times: each figure is the median over them, and
+    ``b64 fast speed-ups`` keeps every timing's batch-64 speed-up of the fastest forms."""
     import torch
 
     import rlrank
@@ -107,7 +117,10 @@ def time_models(runs: list[recording.SearchRun], rounds: int) -> list[dict[str, 
             x = torch.randn((batch, *shape))
             fast_dense = fastest_form(dense, shape, batch)
             fast = [fastest_form(model, shape, batch) for model in compressed]
-            times = time_interleaved([dense, fast_dense, *compressed, *fast], x, rounds)
+            repeats = np.asarray(
+                [time_interleaved([dense, fast_dense, *compressed, *fast], x, rounds) for _ in range(timings)]
+            )
+            times = np.median(repeats, axis=0)
             for i in range(n):
                 out[i].update(
                     {
@@ -117,6 +130,8 @@ def time_models(runs: list[recording.SearchRun], rounds: int) -> list[dict[str, 
                         f"b{batch} compressed fast": times[2 + n + i],
                     }
                 )
+                if batch == 64:
+                    out[i]["b64 fast speed-ups"] = (repeats[:, 1] / repeats[:, 2 + n + i]).tolist()
     return out
 
 
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             done.append((len(rows), run, budget))
             rows.append(None)
         if done:  # every finished run's model timed together, against one dense baseline
-            timed = time_models([run for _, run, _ in done], args.rounds)
+            timed = time_models([run for _, run, _ in done], args.rounds, args.timings)
             for (index, run, budget), times in zip(done, timed, strict=True):
                 rows[index] = row_of(run, budget, times)
         sections.append((model, pd.DataFrame(rows)))
@@ -181,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- every search: {METHOD_NAMES.get(args.decomposition, args.decomposition)}, DDPG, {args.episodes} episodes ({warmup} warm-up), {args.finetune_steps} "
         f"SGD steps per reward, final fine-tune {args.final_epochs:g} epoch(s), seed {args.seed}; latency "
         f"re-timed here, the dense model and every row's model in the same interleaved rounds (lower "
-        f"quartile of {args.rounds} passes: one dense baseline for all rows); 'fast' = "
+        f"quartile of {args.rounds} passes: one dense baseline for all rows), {args.timings} times: medians, "
+        "and the range of the batch-64 ratio over the timings; 'fast' = "
         "`rlrank.inference.fastest_form` (BN folded, factor convolutions grouped as measured fastest)",
     ]
     for model, frame in sections:
@@ -207,7 +223,7 @@ FORMATS = {
 }
 
 
-def row_of(run: recording.SearchRun, budget: list[str], times: dict[str, float]) -> dict:
+def row_of(run: recording.SearchRun, budget: list[str], times: dict) -> dict:
     report = run.report
     flops = report["compressed"]["flops_ratio"]
     row = {
@@ -220,6 +236,8 @@ def row_of(run: recording.SearchRun, budget: list[str], times: dict[str, float])
         row[f"b{batch} speed-up"] = times[f"b{batch} dense"] / times[f"b{batch} compressed"]
         row[f"b{batch} speed-up fast"] = times[f"b{batch} dense fast"] / times[f"b{batch} compressed fast"]
     row["b64 measured / FLOP speed-up (fast)"] = row["b64 speed-up fast"] / row["FLOP speed-up"]
+    each = [speedup * flops for speedup in times["b64 fast speed-ups"]]
+    row["range over timings"] = f"{min(each):.2f}–{max(each):.2f}"
     row["b64 ms dense → compressed (fast)"] = (
         f"{times['b64 dense fast']:.1f} → {times['b64 compressed fast']:.1f}"
     )

@@ -559,7 +559,8 @@ def test_bench_latency_with_pruning(
 ) -> None:
     argv = ["--dataset", "digits", "--models", "tiny", "--episodes", "2", "--final-epochs", "0"]
     argv += [*TINY_SEARCH, "--decomposition", "prune", "--flops-latency", "1.0", "--latency-targets", "1.0"]
-    argv += ["--latency-center", "uniform", "--rounds", "2", "--out", str(tmp_path), "--no-append"]
+    argv += ["--latency-center", "uniform", "--rounds", "2", "--timings", "2"]
+    argv += ["--out", str(tmp_path), "--no-append"]
     assert script("bench_latency").main(argv) == 0
     section = _section(capsys.readouterr().out, "Latency vs FLOPs (tiny, digits)")
     assert "every search: channel pruning, DDPG" in section
@@ -569,6 +570,11 @@ def test_bench_latency_with_pruning(
         "--flops 0.5 --latency 1.0 --action-center uniform",
         "--latency 1.0 --action-center uniform",
     ]
+    for ratio, spread in zip(
+        table["b64 measured / FLOP speed-up (fast)"], table["range over timings"], strict=True
+    ):
+        low, high = (float(x) for x in spread.split("–"))
+        assert low - 0.01 <= float(ratio) <= high + 0.01  # the median of two timings lies between them
     assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == {
         "tiny-prune-flops0.5-seed0",
         "tiny-prune-flops0.5-latency1-center-uniform-seed0",
