@@ -20,7 +20,7 @@ import numpy as np
 
 from rlrank.errors import UserError
 from rlrank.layers import LayerInfo
-from rlrank.planning import LayerPlan, full_ranks, plan_layer
+from rlrank.planning import LayerPlan, plan_layer, rank_ratio
 
 if TYPE_CHECKING:
     from rlrank.latency_table import LatencyTable, LayerLatency
@@ -84,8 +84,7 @@ class LatencyBudget:
 
     def cost(self, index: int, plan: LayerPlan) -> float:
         """Milliseconds of step ``index`` under ``plan``."""
-        layer = self.layers[index]
-        return layer.dense_ms if plan.dense else layer.factorized(built_ratio(self.steps[index], plan))
+        return plan_ms(self.layers[index], self.steps[index], plan)
 
     def cost_at(self, index: int, ratio: float) -> float:
         """Milliseconds of step ``index`` at ``ratio`` (as the environment would plan it)."""
@@ -149,8 +148,13 @@ def built_ratio(layer: LayerInfo, plan: LayerPlan) -> float:
     so it differs a little from the ratio played), as :func:`rlrank.latency_table.predicted_latency_ratio`
     reads it off the built model."""
     assert plan.method is not None and plan.ranks is not None
-    full = full_ranks(layer, plan.method)
-    return min(1.0, max(r / f for r, f in zip(plan.ranks, full, strict=True)))
+    return rank_ratio(layer, plan.method, plan.ranks)
+
+
+def plan_ms(latency: LayerLatency, layer: LayerInfo, plan: LayerPlan) -> float:
+    """Milliseconds of ``layer`` under ``plan``, from its latency-table entry: dense, or factorized
+    at the ratio it is built at."""
+    return latency.dense_ms if plan.dense else latency.factorized(built_ratio(layer, plan))
 
 
 def played_dense_from(
@@ -158,8 +162,8 @@ def played_dense_from(
 ) -> float | None:
     """The smallest ratio played from which ``layer``'s factorized form, priced at the ratio its
     rounded ranks are built at (:func:`built_ratio`), is no faster than the layer as it is; ``None``
-    when it is faster at every ratio. (:meth:`~rlrank.latency_table.LayerLatency.dense_from` reads
-    the same off the table's curve, where rounding would let a low ratio be priced above dense.)"""
+    when it is faster at every ratio. (Read off the table's curve in played ratios instead, rounding
+    would let a low ratio be priced above dense.)"""
 
     def slower(ratio: float) -> bool:
         plan = plan_layer(layer, ratio, decomposition, allow_dense=False)

@@ -69,18 +69,19 @@ def fewest_ms(ms: np.ndarray, macs: np.ndarray, max_macs: float, buckets: int = 
     return fewest
 
 
-def choices(model, layers, decomposition: str, table, points: int, min_ratio: float):  # noqa: ANN001
-    """Per searched layer, the milliseconds and MACs of each ratio it may play (and of staying dense)."""
-    from rlrank.envs.latency_budget import built_ratio
-    from rlrank.planning import plan_layer, searched_layers
+def choices(steps, decomposition: str, table, points: int, min_ratio: float):  # noqa: ANN001
+    """Per searched layer, the milliseconds and MACs of each ratio it may play (and of staying dense),
+    priced as the environment prices them (:func:`rlrank.envs.latency_budget.plan_ms`)."""
+    from rlrank.envs.latency_budget import plan_ms
+    from rlrank.planning import plan_layer
 
     ms, macs = [], []
-    for step in searched_layers(layers, decomposition):
+    for step in steps:
         entry = table.layers[step.name]
         row_ms, row_macs = [entry.dense_ms], [plan_layer(step, 1.0, decomposition).macs]
         for ratio in np.linspace(min_ratio, 1.0, points):
             plan = plan_layer(step, float(ratio), decomposition)
-            row_ms.append(entry.dense_ms if plan.dense else entry.factorized(built_ratio(step, plan)))
+            row_ms.append(plan_ms(entry, step, plan))
             row_macs.append(plan.macs)
         ms.append(row_ms)
         macs.append(row_macs)
@@ -104,7 +105,7 @@ def bounds(args: argparse.Namespace, model_name: str, decomposition: str) -> lis
     table = latency_table(
         model, steps, decomposition, shape, args.batch, torch.device("cpu"), cache_dir(), args.min_ratio
     )
-    ms, macs = choices(model, layers, decomposition, table, args.points, args.min_ratio)
+    ms, macs = choices(steps, decomposition, table, args.points, args.min_ratio)
     total = count_model(model, shape).macs
     fixed_macs = total - float(macs[:, 0].sum())
     fewest = fewest_ms(ms, macs, total - fixed_macs)

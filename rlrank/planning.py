@@ -185,12 +185,18 @@ def current_params(layer: LayerInfo) -> int:
     return get_method(layer.method).params(layer, layer.ranks) + layer.filters * filter_params(layer)
 
 
+def rank_ratio(layer: LayerInfo, method: str, ranks: Sequence[int]) -> float:
+    """The rank ratio that ``ranks`` of ``method`` stand for on ``layer``: the largest rank over
+    full rank (at most 1)."""
+    full = full_ranks(layer, method)
+    return min(1.0, max(r / f for r, f in zip(ranks, full, strict=True)))
+
+
 def current_ratio(layer: LayerInfo) -> float:
     """Rank ratio of a layer as it is now: 1 for dense, else its largest rank over full rank."""
     if layer.method is None or layer.ranks is None:
         return 1.0
-    full = full_ranks(layer, layer.method)
-    return min(1.0, max(r / f for r, f in zip(layer.ranks, full, strict=True)))
+    return rank_ratio(layer, layer.method, layer.ranks)
 
 
 def is_compressible(layer: LayerInfo, decomposition: str) -> bool:
