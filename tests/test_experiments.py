@@ -307,6 +307,42 @@ def test_bench_top_strategies(
     assert "re-ranked test (BN only)" in table.columns
 
 
+def test_bench_finetune_headroom(
+    script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    headroom = script("bench_finetune_headroom")
+    argv = [
+        "--dataset", "digits", "--model", "tiny", "--budgets", "0.5", "--episodes", "6", "--final-epochs",
+        "0.1", *TINY_SEARCH, "--top", "2", "--quantiles", "1", "--ft-seeds", "2",
+        "--out", str(tmp_path / "runs"), "--no-append",
+    ]  # fmt: skip
+    assert headroom.main(argv) == 0
+    (table,) = _tables(_section(capsys.readouterr().out, "How far apart strategies are after the final"))
+    (row,) = table.to_dict("records")
+    # the best strategy's first fine-tune repeats the search's own: the same test accuracy
+    assert row["search's pick (here)"] == row["search's pick (its report)"]
+    assert int(row["fine-tunes"]) >= 4  # top 1 twice, top 2, a quantile (and the center unless it is top)
+    assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4}", row["pick, fine-tune seeds"])
+
+
+def test_picked_strategies_are_distinct_and_keep_the_center(script: Callable[[str], ModuleType]) -> None:
+    pick = script("bench_finetune_headroom").picked_rows
+    rewards = [0.1, 0.5, 0.8, 0.7, 0.6, 0.3, 0.4]
+    rows = [
+        {
+            "episode": i,
+            "reward": r,
+            "phase": "center" if i == 0 else "random",
+            "layers": {"a": {"ranks": [i]}},
+        }
+        for i, r in enumerate(rewards)
+    ]
+    picked = [(role, row["episode"]) for role, row in pick(rows, 2, 2)]
+    assert picked == [("top 1", 2), ("top 2", 3), ("quantile 0.33", 1), ("quantile 0.67", 6), ("center", 0)]
+    rows[0]["reward"] = 0.9  # the center is the best: fine-tuned once, as the top strategy
+    assert [role for role, _ in pick(rows, 2, 0)] == ["top 1 (center)", "top 2"]
+
+
 def test_bench_prune_selection(
     script: Callable[[str], ModuleType],
     tmp_path: Path,
