@@ -38,6 +38,7 @@ class AgentContext:
         noise_decay: DDPG's per-episode noise decay.
         credit: DDPG's credit assignment (``copy`` or ``bootstrap``).
         critics: DDPG's critics (more than one: the actor maximises their minimum).
+        hidden: Hidden layer widths of DDPG's actor and critics.
         policy: A saved policy to continue (DDPG), or ``None``.
     """
 
@@ -56,6 +57,7 @@ class AgentContext:
     noise_decay: float = 0.95
     credit: str = "copy"
     critics: int = 1
+    hidden: tuple[int, ...] = (300, 300)
     policy: str | None = None
 
 
@@ -136,6 +138,7 @@ def _ddpg(context: AgentContext) -> Agent:
         noise_decay=context.noise_decay,
         credit=context.credit,
         critics=context.critics,
+        hidden=context.hidden,
     )
     return DDPGAgent(context.observation_space, context.action_space, config, seed=context.seed)
 

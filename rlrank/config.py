@@ -26,6 +26,7 @@ from rlrank.options import (
     size_or_fraction,
     sparse_fraction,
     weight,
+    widths,
 )
 
 MODEL_AND_DATA = "model and data"
@@ -255,6 +256,13 @@ class SearchConfig:
         type=positive,
         help="DDPG critics fitted to the same episodes; with more than one the actor maximises their "
         "minimum, so it moves only where they agree (1: AMC)",
+    )
+    hidden: list[int] = option(
+        default_factory=lambda: [300, 300],
+        group=SEARCH,
+        type=widths,
+        metavar="W,W",
+        help="hidden layer widths of DDPG's actor and of each critic, comma-separated (AMC's)",
     )
     reward: str = option(
         "acc", group=SEARCH, choices="rlrank.envs:REWARDS", help="acc, or AMC's -error*log(FLOPs)"

@@ -72,6 +72,11 @@ def fractions(text: str) -> list[float]:
     return [fraction(v) for v in _items(text, "numbers in (0, 1]")]
 
 
+def widths(text: str) -> list[int]:
+    """Comma-separated whole numbers >= 1 (layer widths: ``300,300``)."""
+    return [positive(v) for v in _items(text, "whole numbers >= 1")]
+
+
 def globs(text: str) -> list[str]:
     """Comma-separated shell-style patterns (``layer1.*,linear``)."""
     return _items(text, "layer names or patterns")
@@ -186,7 +191,8 @@ def add_config_options(
         if choices is not None:
             help_text = help_text.replace("{choices}", ", ".join(choices))
         if default is not None and "%(default)s" not in help_text:
-            help_text = f"{help_text} (default: %(default)s)"
+            shown = ",".join(map(str, default)) if isinstance(default, list) else "%(default)s"
+            help_text = f"{help_text} (default: {shown})"
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS if suppress_defaults else default,

@@ -290,6 +290,7 @@ def _agent_context(config: SearchConfig, env: RankSearchEnv, cache: FactorCache,
         noise_decay=config.noise_decay,
         credit=config.credit,
         critics=config.critics,
+        hidden=tuple(config.hidden),
         policy=config.policy,
     )
 

@@ -112,6 +112,35 @@ def test_output_layers_start_near_zero_as_in_the_ddpg_paper():
     assert max(abs(sb3.policy_action(o)) for o in observations) > 0.02  # stable-baselines3's init
 
 
+def test_hidden_option_sets_the_widths_of_actor_and_critics():
+    import gymnasium as gym
+
+    from rlrank.agents.registry import AgentContext, make_agent
+    from rlrank.search import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["--hidden", "64,32", "--critics", "2"]))
+    assert config.hidden == [64, 32]
+    assert config_from_args(build_parser().parse_args([])).hidden == [300, 300]  # AMC's
+    context = AgentContext(
+        observation_space=gym.spaces.Box(0, 1, (len(OBSERVATION_FEATURES),), np.float32),
+        action_space=gym.spaces.Box(-1, 1, (1,), np.float32),
+        ratio_bounds=[(0.05, 1.0)],
+        budget=0.5,
+        cost=lambda ratios: 0.5,
+        spectra=lambda: [],
+        critics=config.critics,
+        hidden=tuple(config.hidden),
+    )
+    policy = make_agent("ddpg", context).model.policy
+    linear = [m.out_features for m in policy.actor.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear == [64, 32, 1]
+    for q in policy.critic.q_networks:
+        assert [m.out_features for m in q.modules() if isinstance(m, torch.nn.Linear)] == [64, 32, 1]
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--hidden", "64,0"])
+    assert exit_info.value.code == 2
+
+
 @pytest.mark.parametrize("critics", [1, 2])
 def test_ddpg_learns_which_layer_to_keep(tiny_layers, critics):
     """A synthetic reward that pays for keeping the last layers large: DDPG must beat random (also
