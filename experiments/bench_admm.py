@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             })  # fmt: skip
     table = pd.DataFrame(rows)
     csv = args.csv or RESULTS_DIR / f"admm-{'digits' if args.dataset == 'digits' else 'cpu'}.csv"
-    if not args.no_append:
-        csv.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(csv, index=False)
+    recording.write_csv(table, csv, not args.no_append)
     dense = run.report["dense"]["test_accuracy"]
     lines = [
         *session.header(

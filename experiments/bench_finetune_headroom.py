@@ -200,19 +200,19 @@ def main(argv: list[str] | None = None) -> int:
         frame.insert(0, "budget", budget)
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True)
-    csv = args.results / f"finetune-headroom{'-' + args.tag if args.tag else ''}.csv"
-    if not args.no_append:
-        csv.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(csv, index=False)
+    csv = recording.write_csv(
+        frame, args.results / recording.tagged("finetune-headroom", args.tag), not args.no_append
+    )
     lines = [
         *session.header(
             f"How far apart strategies are after the final fine-tune ({scale.model}, "
             f"{recording.DATASETS[args.dataset]})"
         ),
         f"- runs: `bench_selectors.py --scale cpu`'s random search, seed {args.seed} ({scale.episodes} "
-        f"episodes, reward on {scale.reward_val_images} validation images), under `{args.out}`; fine-tuned: its {args.top} "
-        f"best distinct strategies, {args.quantiles} at quantiles of the rest, the center (ALDS) "
-        f"strategy, the best one with {args.ft_seeds} fine-tune seeds; the run's final fine-tune "
+        f"episodes, reward on {scale.reward_val_images} validation images), under `{args.out}`; "
+        f"fine-tuned: its {args.top} best distinct strategies, {args.quantiles} at quantiles of the "
+        f"rest, the center (ALDS) strategy, the best one with {args.ft_seeds} fine-tune seeds; the "
+        f"run's final fine-tune "
         f"({scale.final_epochs:g} epoch, one-cycle, lr 0.01); test measured, never used to choose; "
         f"per-fine-tune CSV: `{csv}`",
         "",

@@ -184,10 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     frame["order"] = frame["method"].map({m: i for i, m in enumerate(args.methods)})
     frame = frame.sort_values(["budget", "order", "seed", "rank"], ascending=[False, True, True, True])
     frame = frame.drop(columns="order").reset_index(drop=True)
-    csv = args.results / f"top-strategies{'-' + args.tag if args.tag else ''}.csv"
-    if not args.no_append:
-        csv.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(csv, index=False)
+    csv = recording.write_csv(
+        frame, args.results / recording.tagged("top-strategies", args.tag), not args.no_append
+    )
     lines = [
         *session.header(f"Top strategies on images the search never scored ({args.runs.name})"),
         f"- runs: the finished `{'`, `'.join(args.methods)}` runs under `{args.runs}`; the {args.top} best "

@@ -112,6 +112,20 @@ Format = str | Callable[[Any], str]
 function of the cell."""
 
 
+def write_csv(frame: pd.DataFrame, path: Path, write: bool = True) -> Path:
+    """Write a benchmark's rows to ``path`` (its folder made) unless ``write`` is false (``--no-append``:
+    the run is a trial, nothing under experiments/ changes); returns ``path`` for the section's text."""
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(path, index=False)
+    return path
+
+
+def tagged(stem: str, tag: str) -> str:
+    """A CSV's file name: ``stem.csv``, or ``stem-tag.csv`` with a tag."""
+    return f"{stem}{'-' + tag if tag else ''}.csv"
+
+
 def markdown(table: pd.DataFrame, formats: Mapping[str, Format] | None = None, digits: int = 4) -> str:
     """A Markdown table of a frame: ``rlrank.analysis.markdown_table`` with a format per column.
 
