@@ -20,7 +20,7 @@ import numpy as np
 
 from rlrank.errors import UserError
 from rlrank.layers import LayerInfo
-from rlrank.planning import LayerPlan, plan_layer, rank_ratio
+from rlrank.planning import LayerPlan, plan_layer, rank_ratio, smallest_ratio_reaching
 
 if TYPE_CHECKING:
     from rlrank.latency_table import LatencyTable, LayerLatency
@@ -165,19 +165,14 @@ def played_dense_from(
     when it is faster at every ratio. (Read off the table's curve in played ratios instead, rounding
     would let a low ratio be priced above dense.)"""
 
-    def slower(ratio: float) -> bool:
+    def built_ms(ratio: float) -> float:
         plan = plan_layer(layer, ratio, decomposition, allow_dense=False)
-        return latency.factorized(built_ratio(layer, plan)) >= latency.dense_ms
+        return latency.factorized(built_ratio(layer, plan))
 
-    if slower(low):
-        return low
-    if not slower(1.0):
+    if built_ms(low) < latency.dense_ms and built_ms(1.0) < latency.dense_ms:
         return None
-    lo, hi = low, 1.0
-    for _ in range(30):  # built ratio and latency are non-decreasing in the ratio played
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if slower(mid) else (mid, hi)
-    return hi
+    # built ratio and latency are non-decreasing in the ratio played
+    return smallest_ratio_reaching(built_ms, latency.dense_ms, low, 1.0)
 
 
 def fallback_ratios(
