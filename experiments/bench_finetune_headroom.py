@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import recording
 from bench_selectors import scale_of
-from bench_top_strategies import logged_plans, top_rows
+from bench_top_strategies import logged_plans, prepared, run_config, top_rows, unseen_images
 from scipy import stats
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -95,27 +95,17 @@ def finetune_strategies(run: Path, picks: list[tuple[str, dict]], ft_seeds: int)
     """Fine-tune every picked strategy of ``run`` as its last stage does; one row per fine-tune."""
     import torch
 
-    from rlrank.config import SearchConfig
-    from rlrank.data import ImageSplit
     from rlrank.finetune import TrainConfig, evaluate, reestimate_bn, train_epochs
-    from rlrank.model_file import load
     from rlrank.planning import searched_layers
-    from rlrank.preflight import prepare
-    from rlrank.run_folder import CONFIG_FILE, DENSE_MODEL_FILE, read_json
     from rlrank.stage import stage_factor_cache
     from rlrank.surgery import decompose_model
 
-    config = SearchConfig.from_dict(read_json(run / CONFIG_FILE))
-    setup = prepare(config)
-    if (run / DENSE_MODEL_FILE).is_file():  # the run trained its dense model (no --checkpoint)
-        setup.model.load_state_dict(load(run / DENSE_MODEL_FILE, map_location=setup.device).state_dict())
+    config = run_config(run)
+    setup = prepared(run, config)
     data = setup.data
     steps = searched_layers(setup.layers, config.decomposition, config.exclude)
     cache = stage_factor_cache(setup.model, steps, config, data)  # the search's own cache
-    val = data.val.load()
-    if len(val) <= config.reward_val_images or config.reward_val_images == 0:
-        raise SystemExit(f"bench_finetune_headroom: {run}: the reward used every validation image")
-    unseen = ImageSplit(val.images[config.reward_val_images :], val.labels[config.reward_val_images :])
+    unseen = unseen_images(run, data.val.load(), config.reward_val_images)
     train = TrainConfig(
         epochs=config.final_epochs, lr=config.final_lr, batch_size=config.batch_size, distill=config.distill
     )

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 import recording
-from bench_top_strategies import logged_plans, top_rows
+from bench_top_strategies import logged_plans, prepared, run_config, top_rows
 
 VARIANTS = ("lasso + refit", "lasso", "norm")
 
@@ -45,15 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def price_run(run: Path, top: int) -> pd.DataFrame:
     """Per top strategy of a pruning ``run`` and per variant: accuracy on the reward's images and on
     the test split."""
-    from rlrank.config import SearchConfig
     from rlrank.factor_cache import FactorCache
     from rlrank.methods import register_method
     from rlrank.methods.prune import ChannelPruning
-    from rlrank.model_file import load
     from rlrank.planning import searched_layers
-    from rlrank.preflight import prepare
     from rlrank.reward import RewardEvaluator
-    from rlrank.run_folder import CONFIG_FILE, DENSE_MODEL_FILE, EPISODES_FILE, read_json
+    from rlrank.run_folder import EPISODES_FILE
     from rlrank.runlog import read_rows
     from rlrank.stage import stage_factor_cache, stage_reward_config
 
@@ -66,12 +63,10 @@ def price_run(run: Path, top: int) -> pd.DataFrame:
             return [entry.weight[:, self.kept_channels(entry, ranks[0], settings)].clone()]
 
     register_method(LassoSlices())
-    config = SearchConfig.from_dict(read_json(run / CONFIG_FILE))
+    config = run_config(run)
     if config.decomposition != "prune":
         raise SystemExit(f"bench_prune_selection: {run} is a {config.decomposition} run, not a pruning one")
-    setup = prepare(config)
-    if (run / DENSE_MODEL_FILE).is_file():  # the run trained its dense model (no --checkpoint)
-        setup.model.load_state_dict(load(run / DENSE_MODEL_FILE, map_location=setup.device).state_dict())
+    setup = prepared(run, config)
     steps = searched_layers(setup.layers, "prune", config.exclude)
     searched = stage_factor_cache(setup.model, steps, config, setup.data)
     grams = {layer.name: searched.entry(layer.name).input_gram for layer in steps}

@@ -59,6 +59,39 @@ def top_rows(rows: list[dict], top: int) -> list[dict]:
     return chosen
 
 
+def run_config(run: Path):  # noqa: ANN201 - a SearchConfig (torch is imported on call, not here)
+    """The resolved options of a finished run (its ``config.json``)."""
+    from rlrank.config import SearchConfig
+    from rlrank.run_folder import CONFIG_FILE, read_json
+
+    return SearchConfig.from_dict(read_json(run / CONFIG_FILE))
+
+
+def prepared(run: Path, config):  # noqa: ANN001, ANN201 - SearchConfig -> Setup
+    """``run``'s data and model prepared as its search was, with the dense weights it searched from."""
+    from rlrank.model_file import load
+    from rlrank.preflight import prepare
+    from rlrank.run_folder import DENSE_MODEL_FILE
+
+    setup = prepare(config)
+    if (run / DENSE_MODEL_FILE).is_file():  # the run trained its dense model (no --checkpoint)
+        setup.model.load_state_dict(load(run / DENSE_MODEL_FILE, map_location=setup.device).state_dict())
+    return setup
+
+
+def unseen_images(run: Path, val, reward_images: int):  # noqa: ANN001, ANN201 - ImageSplit -> ImageSplit
+    """The validation images no reward of ``run`` scored: all but the first ``reward_images``.
+
+    Raises:
+        SystemExit: The reward used every validation image (``reward_images`` 0 means all).
+    """
+    from rlrank.data import ImageSplit
+
+    if reward_images == 0 or len(val) <= reward_images:
+        raise SystemExit(f"{run}: the reward used all {len(val)} validation images")
+    return ImageSplit(val.images[reward_images:], val.labels[reward_images:])
+
+
 def logged_plans(row: dict, steps: list) -> list:
     """The strategy an episode log row records, as one ``LayerPlan`` per searched layer."""
     from rlrank.methods import get_method
@@ -87,29 +120,22 @@ def logged_plans(row: dict, steps: list) -> list:
 def price_run(run: Path, top: int) -> pd.DataFrame:
     """Per top strategy of ``run``: its logged reward and its accuracy on the reward's images, the
     rest of the validation split and the test split (BN re-estimated, as the reward does)."""
-    from rlrank.config import SearchConfig
     from rlrank.data import ImageSplit
-    from rlrank.model_file import load
     from rlrank.planning import searched_layers
-    from rlrank.preflight import prepare
     from rlrank.reward import RewardEvaluator
-    from rlrank.run_folder import CONFIG_FILE, DENSE_MODEL_FILE, EPISODES_FILE, read_json
+    from rlrank.run_folder import EPISODES_FILE
     from rlrank.runlog import read_rows
     from rlrank.stage import stage_factor_cache, stage_reward_config
 
-    config = SearchConfig.from_dict(read_json(run / CONFIG_FILE))
-    setup = prepare(config)
-    if (run / DENSE_MODEL_FILE).is_file():  # the run trained its dense model (no --checkpoint)
-        setup.model.load_state_dict(load(run / DENSE_MODEL_FILE, map_location=setup.device).state_dict())
+    config = run_config(run)
+    setup = prepared(run, config)
     steps = searched_layers(setup.layers, config.decomposition, config.exclude)
     cache = stage_factor_cache(setup.model, steps, config, setup.data)  # the search's own cache
     data, n = setup.data, config.reward_val_images
     val = data.val.load()
-    if len(val) <= n:
-        raise SystemExit(f"bench_top_strategies: {run}: the reward used all {len(val)} validation images")
     splits = {
         "reward images": ImageSplit(val.images[:n], val.labels[:n]),
-        "unseen val": ImageSplit(val.images[n:], val.labels[n:]),
+        "unseen val": unseen_images(run, val, n),
         "test (BN only)": data.test,
     }
     reward = replace(stage_reward_config(config), val_images=0)  # each split whole

@@ -307,6 +307,19 @@ def test_bench_top_strategies(
     assert "re-ranked test (BN only)" in table.columns
 
 
+def test_unseen_images_are_those_no_reward_scored(script: Callable[[str], ModuleType]) -> None:
+    import torch
+
+    from rlrank.data import ImageSplit
+
+    unseen = script("bench_top_strategies").unseen_images
+    val = ImageSplit(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10))
+    assert unseen(Path("run"), val, 4).labels.tolist() == [4, 5, 6, 7, 8, 9]
+    for reward_images in (0, 10):  # 0: the reward scored all of them
+        with pytest.raises(SystemExit, match="the reward used all 10 validation images"):
+            unseen(Path("run"), val, reward_images)
+
+
 def test_bench_finetune_headroom(
     script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
